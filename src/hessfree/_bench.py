@@ -1,0 +1,82 @@
+"""Side-by-side timing of HVP idioms, shared by ``hessfree bench`` and ``benchmarks/``.
+
+Every alternative runs in this one process: compiled first (warm-up run), inputs blocked until
+ready, then the median of `repeats` timed runs, each blocked on its result. Ratios are what to
+quote: absolute times on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._products import hvp, hvp_fn
+from ._workloads import Workload
+
+
+def median_time(fn: Callable[..., Any], *inputs: Any, repeats: int = 7) -> float:
+    """Median seconds of ``fn(*inputs)`` after one warm-up call, results blocked on."""
+    jax.block_until_ready(inputs)
+    jax.block_until_ready(fn(*inputs))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*inputs))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def raw_idioms(f: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Callable[..., Any]]:
+    """The three hand-written HVP idioms a JAX user writes today, jitted."""
+
+    def grad_f(y: Any) -> Any:
+        return jax.grad(f)(y, *args)
+
+    def fwd_rev(x: Any, v: Any) -> Any:
+        return jax.jvp(grad_f, (x,), (v,))[1]
+
+    def rev_rev(x: Any, v: Any) -> Any:
+        def inner(y: Any) -> Any:
+            g = grad_f(y)
+            return sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v), strict=True))
+
+        return jax.grad(inner)(x)
+
+    def rev_fwd(x: Any, v: Any) -> Any:
+        return jax.grad(lambda y: jax.jvp(lambda z: f(z, *args), (y,), (v,))[1])(x)
+
+    return {"raw fwd_rev": jax.jit(fwd_rev), "raw rev_rev": jax.jit(rev_rev), "raw rev_fwd": jax.jit(rev_fwd)}
+
+
+def product_table(
+    workload: Workload, *, repeats: int = 7, progress: Callable[[str], None] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of the gradient, each raw idiom, hvp(auto) and a cached product."""
+    f, x, args = workload.f, workload.x, workload.args
+    v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) / jnp.sqrt(a.size).astype(a.dtype), x)
+    say = progress or (lambda _: None)
+    times: dict[str, float] = {}
+    say("gradient")
+    times["grad"] = median_time(jax.jit(lambda y: jax.grad(f)(y, *args)), x, repeats=repeats)
+    for name, fn in raw_idioms(f, args).items():
+        say(name)
+        times[name] = median_time(fn, x, v, repeats=repeats)
+    say("hessfree hvp(auto)")
+    times["hessfree hvp(auto)"] = median_time(jax.jit(lambda y, u: hvp(f, y, u, *args)), x, v, repeats=repeats)
+    say("hessfree hvp_fn(cache=True)")
+    times["hessfree hvp_fn cached, per product"] = median_time(hvp_fn(f, x, *args), v, repeats=repeats)
+    return times
+
+
+def format_table(title: str, times: dict[str, float], reference: str = "raw fwd_rev") -> str:
+    """A fixed-width table: time in ms and the ratio to `reference`."""
+    ref = times[reference]
+    width = max(len(k) for k in times) + 2
+    lines = [title, f"{'':{width}}{'ms':>10}{'÷ ' + reference:>20}"]
+    lines += [f"{name:{width}}{t * 1e3:10.3f}{t / ref:20.2f}" for name, t in times.items()]
+    return "\n".join(lines)

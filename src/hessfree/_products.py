@@ -1,0 +1,305 @@
+"""Hessian-vector products of any scalar function of any pytree.
+
+Three ways to differentiate twice, all giving ``H v`` with ``H = ∇²f(x)``:
+
+- ``"fwd_rev"``: ``jvp(grad f)``, forward over reverse (Pearlmutter 1994). One reverse pass to
+  build the gradient, one forward pass to push the tangent through it. The production choice.
+- ``"rev_rev"``: ``grad(⟨grad f, v⟩)``, reverse over reverse. Differentiates the gradient
+  graph again; more memory, works on every function reverse mode works on.
+- ``"rev_fwd"``: ``grad(⟨∇f, v⟩)`` through ``jvp f``, reverse over forward.
+- ``"auto"``: ``"fwd_rev"``, and ``"rev_rev"`` where forward mode cannot go through a
+  ``jax.custom_vjp`` at all. The user sees the same value either way.
+
+Outside ``jit``, ``jvp(grad f)`` fails on a ``custom_vjp`` whose forward rule calls the primal
+function (jax issue 16049); ``"fwd_rev"`` then stages the same product through
+``jax.linearize``, which prunes that branch, so it works where plain JAX does not.
+
+Tangents are cast to the dtype of the matching leaf of `x` (they live in its tangent space);
+results have the structure and dtypes of `x`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from ._validation import PyTree, check_choice, check_floating, check_like, check_positive_int
+from ._validation import check_scalar_fn
+
+MODES = ("fwd_rev", "rev_rev", "rev_fwd")
+_FORWARD_REFUSED = (
+    "mode {mode!r} needs forward-mode autodiff, which cannot go through a jax.custom_vjp in f "
+    "(jax issue 16049); use mode='auto' (falls back by itself) or mode='rev_rev'"
+)
+VALID_MODES = ("auto", *MODES)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """Sum over leaves of the flat inner products ``⟨a, b⟩``."""
+    return sum(
+        (jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)),
+        start=jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(a))),
+    )
+
+
+def cast_like(v: PyTree, x: PyTree) -> PyTree:
+    """Cast each leaf of `v` to the dtype of the matching leaf of `x`."""
+    return jax.tree_util.tree_map(lambda vl, xl: jnp.asarray(vl, dtype=jnp.result_type(xl)), v, x)
+
+
+def _grad_at(f: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[PyTree], PyTree]:
+    return lambda y: jax.grad(f)(y, *args)
+
+
+def _fwd_rev_eager(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    return jax.jvp(_grad_at(f, args), (x,), (v,))[1]
+
+
+def _fwd_rev_staged(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    return jax.linearize(_grad_at(f, args), x)[1](v)
+
+
+def _contains_primitive(jaxpr: Any, name: str) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _contains_primitive(inner, name):
+                    return True
+    return False
+
+
+def _fwd_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    # A custom_vjp inside f leaves a `custom_lin` in the traced product that forward mode
+    # cannot evaluate (jax issue 16049); under jit that error would only surface at lowering,
+    # out of reach. So the product is traced first and inspected. jvp of the gradient leaves
+    # the primal branch of the custom_vjp in place; linearize stages the gradient out first,
+    # which prunes it where the loss does not need it. Both are the same forward-over-reverse
+    # product; where neither is free of `custom_lin`, forward mode is refused here, at once.
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    for product in (_fwd_rev_eager, _fwd_rev_staged):
+        try:
+            closed = jax.make_jaxpr(lambda x_, v_, p=product: p(f, x_, v_, args))(x, v)
+        except (TypeError, NotImplementedError) as err:
+            if not is_forward_mode_failure(err):
+                raise
+            continue
+        if not _contains_primitive(closed.jaxpr, "custom_lin"):
+            out = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves, *jax.tree_util.tree_leaves(v))
+            return jax.tree_util.tree_unflatten(treedef, out)
+    raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev"))
+
+
+def _rev_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    return jax.grad(lambda y: tree_vdot(_grad_at(f, args)(y), v))(x)
+
+
+def _rev_fwd(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    return jax.grad(lambda y: jax.jvp(lambda z: f(z, *args), (y,), (v,))[1])(x)
+
+
+_PRODUCTS = {"fwd_rev": _fwd_rev, "rev_rev": _rev_rev, "rev_fwd": _rev_fwd}
+
+
+def is_forward_mode_failure(err: Exception) -> bool:
+    """Whether `err` is JAX refusing forward mode through a ``custom_vjp``."""
+    text = str(err)
+    return isinstance(err, TypeError | NotImplementedError) and (
+        "custom_vjp" in text or "custom_lin" in text or "forward-mode" in text
+    )
+
+
+def _auto(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    try:
+        return _fwd_rev(f, x, v, args)
+    except (TypeError, NotImplementedError) as err:
+        if not is_forward_mode_failure(err):
+            raise
+    return _rev_rev(f, x, v, args)
+
+
+def _explained(mode: str) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
+    product = _PRODUCTS[mode]
+
+    def run(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+        try:
+            return product(f, x, v, args)
+        except (TypeError, NotImplementedError) as err:
+            if not is_forward_mode_failure(err):
+                raise
+            raise TypeError(_FORWARD_REFUSED.format(mode=mode)) from err
+
+    return run
+
+
+def product_for(mode: str) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
+    """The unchecked ``(f, x, v, args) -> Hv`` implementation of `mode`."""
+    return _auto if mode == "auto" else _explained(mode)
+
+
+def check_hvp_args(f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode: str) -> None:
+    """The checks every product runs before tracing anything."""
+    check_choice(mode, VALID_MODES, "mode")
+    check_floating(x, "x")
+    check_scalar_fn(f, x, args)
+
+
+def hvp(f: Callable[..., Any], x: PyTree, v: PyTree, *args: Any, mode: str = "auto") -> PyTree:
+    """Hessian-vector product ``∇²f(x) v`` of a scalar function of a pytree.
+
+    ``H v = d/dt ∇f(x + t v)|ₜ₌₀``, never forming H. Cost: about one gradient evaluation plus
+    one forward (tangent) pass for ``"fwd_rev"``; see the module docstring for the others.
+
+    Args:
+        f: scalar function ``f(x, *args)``; may contain ``jax.custom_vjp`` functions.
+        x: the point, any pytree of floating arrays.
+        v: the direction, a pytree with the structure and leaf shapes of `x`.
+        *args: further arguments of `f`, held fixed (not differentiated).
+        mode: ``"auto"`` (default), ``"fwd_rev"``, ``"rev_rev"`` or ``"rev_fwd"``.
+
+    Returns:
+        ``H v``, a pytree like `x` (same structure, shapes and dtypes).
+
+    Raises:
+        ValueError: `v` differs from `x` in structure or a leaf's shape; `f` is not scalar;
+            `mode` is unknown.
+        TypeError: `x` has non-floating leaves.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = lambda p: jnp.sum(p["w"] ** 3) + p["b"] ** 2
+        >>> hvp(f, {"w": jnp.array([1.0, 2.0]), "b": 1.0}, {"w": jnp.ones(2), "b": 1.0})
+        {'b': Array(2., dtype=float32, weak_type=True), 'w': Array([ 6., 12.], dtype=float32)}
+
+    References:
+        Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
+    """
+    check_hvp_args(f, x, args, mode)
+    check_like(x, v, "x", "v")
+    return product_for(mode)(f, x, cast_like(v, x), args)
+
+
+def hvps(
+    f: Callable[..., Any],
+    x: PyTree,
+    vs: PyTree,
+    *args: Any,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+) -> PyTree:
+    """Many Hessian-vector products ``[H v₁, …, H vₖ]`` at one point.
+
+    Vectorized with ``vmap``: the primal and gradient passes do not depend on the tangent, so
+    they run once and only the tangent pass is batched. With `chunk_size`, the tangents are
+    processed ``chunk_size`` at a time (``lax.map``), bounding memory by one chunk; the values
+    are the same.
+
+    Args:
+        f: scalar function ``f(x, *args)``.
+        x: the point, any pytree of floating arrays.
+        vs: a pytree like `x` whose every leaf has one extra leading axis of size k.
+        *args: further arguments of `f`.
+        mode: as in :func:`hvp`.
+        chunk_size: at most this many tangents at once; None processes all k together.
+
+    Returns:
+        A pytree like `vs`: leaf ``[i]`` of the result belongs to ``H vs[i]``.
+    """
+    check_hvp_args(f, x, args, mode)
+    check_like(x, vs, "x", "vs", batched=True)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    product = product_for(mode)
+    vs = cast_like(vs, x)
+
+    def one(v: PyTree) -> PyTree:
+        return product(f, x, v, args)
+
+    if chunk_size is None:
+        return jax.vmap(one)(vs)
+    return jax.lax.map(one, vs, batch_size=chunk_size)
+
+
+def linearize_gradient(
+    f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode: str = "auto"
+) -> tuple[PyTree, Partial]:
+    """``(∇f(x), v -> H v)`` with the gradient pass run once and its residuals kept.
+
+    For ``"fwd_rev"``/``"auto"`` this is ``jax.linearize`` of the gradient: each product then
+    costs one tangent pass. For ``"rev_rev"`` it is ``jax.vjp`` of the gradient (H is
+    symmetric, so the VJP of ∇f is H v): each product costs one reverse pass over the gradient
+    graph. ``"rev_fwd"`` has no tangent-free part to keep, so its products recompute. The
+    linear function is a ``jax.tree_util.Partial`` (a pytree), so it can cross ``jit``
+    boundaries. No argument checks: this is the engine under :func:`hvp_fn` and the solvers.
+    """
+    grad_at = _grad_at(f, args)
+    if mode in ("fwd_rev", "auto"):
+        try:
+            g, linear = jax.linearize(grad_at, x)
+            if not _contains_primitive(jax.make_jaxpr(linear)(x).jaxpr, "custom_lin"):
+                return g, linear
+            raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev"))
+        except (TypeError, NotImplementedError) as err:
+            if not is_forward_mode_failure(err):
+                raise
+            if mode == "fwd_rev":
+                raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev")) from err
+    if mode in ("rev_rev", "auto"):
+        g, pullback = jax.vjp(grad_at, x)
+        return g, Partial(_first_of_pullback, pullback)
+    rev_fwd = product_for("rev_fwd")
+    return grad_at(x), Partial(lambda x_, args_, v: rev_fwd(f, x_, v, args_), x, args)
+
+
+def _first_of_pullback(pullback: Callable[[PyTree], tuple[PyTree]], v: PyTree) -> PyTree:
+    return pullback(v)[0]
+
+
+@jax.jit
+def _apply(linear_fn: Partial, v: PyTree) -> PyTree:
+    return linear_fn(v)
+
+
+def hvp_fn(
+    f: Callable[..., Any], x: PyTree, *args: Any, mode: str = "auto", cache: bool = True
+) -> Callable[[PyTree], PyTree]:
+    """A function ``v -> ∇²f(x) v`` for repeated products at one point.
+
+    With ``cache=True`` the primal and gradient passes run once, here, and their intermediate
+    values (the linearization's residuals) are held in memory for as long as the returned
+    function lives: typically a few times the activations of one gradient evaluation, the
+    same as a single backward pass keeps. Each product then costs only the tangent pass
+    (about one forward pass, roughly 2/3 of an uncached product). With ``cache=False`` nothing
+    is held and every call pays the full product (:func:`hvp`).
+
+    Args:
+        f: scalar function ``f(x, *args)``.
+        x: the point.
+        *args: further arguments of `f`.
+        mode: as in :func:`hvp`; caching applies to ``"fwd_rev"``, ``"rev_rev"`` and
+            ``"auto"`` (``"rev_fwd"`` has nothing tangent-independent to keep).
+        cache: keep the linearization (default) or recompute every product.
+
+    Returns:
+        A function of one pytree `v` like `x`, returning ``H v`` like `x`.
+    """
+    check_hvp_args(f, x, args, mode)
+    if not cache:
+
+        def hv_uncached(v: PyTree) -> PyTree:
+            return hvp(f, x, v, *args, mode=mode)
+
+        return hv_uncached
+
+    _, linear = linearize_gradient(f, x, args, mode)
+
+    def hv(v: PyTree) -> PyTree:
+        check_like(x, v, "x", "v")
+        return _apply(linear, cast_like(v, x))
+
+    return hv

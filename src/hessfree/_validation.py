@@ -1,0 +1,144 @@
+"""Argument checks shared by every public function.
+
+Misuse that is visible before anything runs (structures, shapes, dtypes, settings) raises at
+once, naming the argument, what was expected and what was received. All checks here look only
+at static information (tree structure, shapes, dtypes), so they work unchanged under `jit`,
+`vmap` and `grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def describe_tree(tree: PyTree) -> str:
+    """A short human description of a pytree's structure, for error messages."""
+    if isinstance(tree, dict):
+        return f"dict with keys {sorted(map(str, tree.keys()))}"
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return f"{type(tree).__name__} with fields {list(tree._fields)}"
+    if isinstance(tree, list | tuple):
+        return f"{type(tree).__name__} of length {len(tree)}"
+    shape = getattr(tree, "shape", None)
+    if shape is not None:
+        return f"array of shape {tuple(shape)} and dtype {getattr(tree, 'dtype', '?')}"
+    return f"{type(tree).__name__}"
+
+
+def _leaf_dtype(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        dtype = jnp.asarray(leaf).dtype
+    return np.dtype(dtype)
+
+
+def check_floating(tree: PyTree, name: str) -> None:
+    """Raise TypeError unless every leaf of `tree` has a floating dtype.
+
+    Complex inputs are refused as well: an HVP of a real scalar function of complex
+    parameters is not what the real-Hessian algorithms in this library assume.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if not leaves:
+        msg = f"{name} must contain at least one array; got {describe_tree(tree)}"
+        raise ValueError(msg)
+    for path, leaf in leaves:
+        dtype = _leaf_dtype(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "(the array itself)"
+            msg = (
+                f"{name} must have floating-point leaves (float32 or float64); "
+                f"leaf {where} has dtype {dtype}. Convert it, e.g. with .astype(jnp.float32)."
+            )
+            raise TypeError(msg)
+
+
+def check_like(x: PyTree, v: PyTree, x_name: str, v_name: str, *, batched: bool = False) -> None:
+    """Raise ValueError unless `v` has the tree structure and leaf shapes of `x`.
+
+    With ``batched=True`` every leaf of `v` carries one extra leading axis, the same for all.
+    """
+    x_def = jax.tree_util.tree_structure(x)
+    v_def = jax.tree_util.tree_structure(v)
+    if x_def != v_def:
+        got, want = describe_tree(v), describe_tree(x)
+        if isinstance(v, dict) and isinstance(x, dict):
+            want = want.removeprefix("dict with keys ")
+        msg = (
+            f"{v_name} must have the same tree structure as {x_name}; got {got} vs {want} "
+            f"(structures {v_def} vs {x_def})"
+        )
+        raise ValueError(msg)
+    batch = None
+    for (path, xl), vl in zip(
+        jax.tree_util.tree_leaves_with_path(x), jax.tree_util.tree_leaves(v), strict=True
+    ):
+        where = jax.tree_util.keystr(path) or "(the array itself)"
+        x_shape = tuple(np.shape(xl))
+        v_shape = tuple(np.shape(vl))
+        if batched:
+            if len(v_shape) != len(x_shape) + 1 or v_shape[1:] != x_shape:
+                msg = (
+                    f"every leaf of {v_name} must be the matching leaf of {x_name} with a "
+                    f"leading batch axis; leaf {where} has shape {v_shape}, expected "
+                    f"(batch, *{x_shape})"
+                )
+                raise ValueError(msg)
+            if batch is None:
+                batch = v_shape[0]
+            elif v_shape[0] != batch:
+                msg = (
+                    f"every leaf of {v_name} must have the same leading batch size; leaf "
+                    f"{where} has {v_shape[0]}, an earlier leaf has {batch}"
+                )
+                raise ValueError(msg)
+        elif v_shape != x_shape:
+            msg = (
+                f"{v_name} must match the shapes of {x_name}; leaf {where} has shape "
+                f"{v_shape} in {v_name} but {x_shape} in {x_name}"
+            )
+            raise ValueError(msg)
+
+
+def check_scalar_fn(f: Callable[..., Any], x: PyTree, args: Sequence[Any], f_name: str = "f") -> None:
+    """Raise if `f` is not callable or `f(x, *args)` is not a real scalar (checked abstractly)."""
+    if not callable(f):
+        msg = f"{f_name} must be callable as {f_name}(x, *args); got {type(f).__name__}"
+        raise TypeError(msg)
+    out = jax.eval_shape(f, x, *args)
+    leaves = jax.tree_util.tree_leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        got = ", ".join(f"{tuple(leaf.shape)}" for leaf in leaves) or "nothing"
+        msg = (
+            f"{f_name} must return a scalar (shape ()); got output of shape(s) {got}. "
+            f"Reduce it, e.g. with jnp.sum or jnp.mean."
+        )
+        raise ValueError(msg)
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        msg = f"{f_name} must return a floating-point scalar; got dtype {leaves[0].dtype}"
+        raise TypeError(msg)
+
+
+def check_choice(value: Any, valid: Sequence[str], name: str) -> str:
+    """Raise ValueError unless `value` is one of `valid`; return it."""
+    if not isinstance(value, str) or value not in valid:
+        msg = f"{name} must be one of {list(valid)}; got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
+    """Raise unless `value` is a positive Python int (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        msg = f"{name} must be {expected}; got {value!r}"
+        raise ValueError(msg)

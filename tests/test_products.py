@@ -1,0 +1,300 @@
+"""hvp, hvps and hvp_fn against dense float64 Hessians and finite differences."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import dense_hessian, fd_hvp, flat, random_like
+from jax.flatten_util import ravel_pytree
+
+import hessfree as hf
+
+MODES = ["fwd_rev", "rev_rev", "rev_fwd", "auto"]
+
+
+class Layer(NamedTuple):
+    w: jax.Array
+    b: jax.Array
+
+
+def f_flat(x):
+    return jnp.sum(jnp.sin(x) * x**2) + (x @ x) ** 2 / 10
+
+
+def f_tree(p, data):
+    """A nested pytree: dict of list of NamedTuple and tuple, plus a scalar leaf."""
+    layer, (c,) = p["layers"]
+    h = jnp.tanh(data @ layer.w + layer.b)
+    return jnp.mean(jnp.log1p(jnp.exp(h @ c))) + p["scale"] ** 2 * jnp.sum(c**2) + jnp.sum(layer.w**4) / 7
+
+
+def tree_point(dtype):
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    p = {
+        "layers": [
+            Layer(jax.random.normal(k[0], (3, 4), dtype), jax.random.normal(k[1], (4,), dtype)),
+            (jax.random.normal(k[2], (4,), dtype),),
+        ],
+        "scale": jnp.asarray(0.7, dtype),
+    }
+    data = jax.random.normal(k[3], (5, 3), dtype)
+    return p, data
+
+
+@jax.custom_vjp
+def _softplus_cv(x):
+    return jnp.log1p(jnp.exp(x))
+
+
+def _softplus_fwd(x):
+    # The pattern of jax issue 16049: the forward rule calls the custom_vjp function itself.
+    return _softplus_cv(x), x
+
+
+def _softplus_bwd(x, g):
+    return (g * jax.nn.sigmoid(x),)
+
+
+_softplus_cv.defvjp(_softplus_fwd, _softplus_bwd)
+
+
+def f_custom_vjp(x):
+    return jnp.sum(_softplus_cv(x) ** 2) + jnp.sum(x**3) / 3
+
+
+def f_custom_vjp_linear(x):
+    return jnp.sum(_softplus_cv(x)) + jnp.sum(x**4)
+
+
+CASES = {
+    "flat": (f_flat, lambda dt: (jnp.linspace(-1.0, 1.5, 6, dtype=dt), ())),
+    "tree": (f_tree, lambda dt: (tree_point(dt)[0], (tree_point(dt)[1],))),
+}
+
+
+def _reference(f, x, v, args):
+    H = dense_hessian(f, x, *args)
+    return H @ flat(v)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_hvp_matches_dense_hessian(mode, case, dtype):
+    f, make = CASES[case]
+    x, args = make(dtype)
+    v = random_like(jax.random.PRNGKey(1), x)
+    out = hf.hvp(f, x, v, *args, mode=mode)
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(x)
+    for o, xl in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(x), strict=True):
+        assert o.dtype == xl.dtype and o.shape == xl.shape
+    tol = 2e-4 if dtype == jnp.float32 else 1e-10
+    ref = _reference(f, x, v, args)
+    np.testing.assert_allclose(flat(out), ref, rtol=tol, atol=tol * np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hvp_matches_central_differences(case):
+    f, make = CASES[case]
+    x, args = make(jnp.float64)
+    v = random_like(jax.random.PRNGKey(2), x)
+    np.testing.assert_allclose(flat(hf.hvp(f, x, v, *args)), fd_hvp(f, x, v, *args), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jit_and_vmap(mode):
+    x, args = CASES["tree"][1](jnp.float64)
+    vs = jax.vmap(lambda k: random_like(k, x))(jax.random.split(jax.random.PRNGKey(3), 4))
+    H = dense_hessian(f_tree, x, *args)
+    jitted = jax.jit(lambda x, v, d: hf.hvp(f_tree, x, v, d, mode=mode))
+    batched = jax.vmap(lambda v: hf.hvp(f_tree, x, v, *args, mode=mode))(vs)
+    for i in range(4):
+        v = jax.tree_util.tree_map(lambda a, i=i: a[i], vs)
+        np.testing.assert_allclose(flat(jitted(x, v, *args)), H @ flat(v), rtol=1e-10)
+        np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda a, i=i: a[i], batched)), H @ flat(v), rtol=1e-10)
+
+
+def test_vmap_over_points():
+    xs = jnp.stack([jnp.linspace(-1, 1, 5), jnp.linspace(0, 2, 5)])
+    v = jnp.arange(5.0)
+    out = jax.vmap(lambda x: hf.hvp(f_flat, x, v))(xs)
+    for x, o in zip(xs, out, strict=True):
+        np.testing.assert_allclose(o, dense_hessian(f_flat, x) @ v, rtol=1e-10)
+
+
+@pytest.mark.parametrize("f", [f_custom_vjp, f_custom_vjp_linear])
+@pytest.mark.parametrize("transform", ["eager", "jit", "vmap", "hvp_fn", "hvps"])
+def test_auto_works_through_custom_vjp(f, transform):
+    x = jnp.linspace(-1.0, 1.0, 5)
+    v = jnp.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    # The reference differentiates the same math without the custom_vjp.
+    ref = dense_hessian(_plain(f), x) @ np.asarray(v)
+    if transform == "eager":
+        out = hf.hvp(f, x, v)
+    elif transform == "jit":
+        out = jax.jit(lambda x, v: hf.hvp(f, x, v))(x, v)
+    elif transform == "vmap":
+        out = jax.vmap(lambda v: hf.hvp(f, x, v))(jnp.stack([v, v]))[1]
+    elif transform == "hvp_fn":
+        out = hf.hvp_fn(f, x)(v)
+    else:
+        out = hf.hvps(f, x, jnp.stack([v, 2 * v]), chunk_size=1)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-10)
+
+
+def _plain(f):
+    softplus = lambda x: jnp.log1p(jnp.exp(x))  # noqa: E731
+    if f is f_custom_vjp:
+        return lambda x: jnp.sum(softplus(x) ** 2) + jnp.sum(x**3) / 3
+    return lambda x: jnp.sum(softplus(x)) + jnp.sum(x**4)
+
+
+def test_plain_jax_forward_mode_really_fails_on_the_custom_vjp():
+    """The premise of the fallback: plain jvp-of-grad refuses this function."""
+    x = jnp.linspace(-1.0, 1.0, 5)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(jax.grad(f_custom_vjp), (x,), (x,))
+
+
+def test_explicit_forward_mode_on_custom_vjp_says_why():
+    x = jnp.linspace(-1.0, 1.0, 5)
+    with pytest.raises(TypeError, match=r"mode 'fwd_rev' needs forward-mode.*custom_vjp.*'auto'"):
+        hf.hvp(f_custom_vjp, x, x, mode="fwd_rev")
+    with pytest.raises(TypeError, match=r"mode 'rev_fwd' needs forward-mode"):
+        hf.hvp(f_custom_vjp, x, x, mode="rev_fwd")
+    np.testing.assert_allclose(hf.hvp(f_custom_vjp, x, x, mode="rev_rev"), hf.hvp(f_custom_vjp, x, x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_third_derivative_through_hvp(mode):
+    """grad of ⟨u, H(x) v⟩ is the third-derivative tensor contracted twice."""
+    x = jnp.linspace(-1.0, 1.2, 4)
+    u, v = jnp.array([1.0, 0.5, -1.0, 2.0]), jnp.array([0.3, -1.0, 1.0, 0.0])
+    g = jax.grad(lambda y: jnp.vdot(u, hf.hvp(f_flat, y, v, mode=mode)))(x)
+    T = jax.jacfwd(jax.hessian(f_flat))(x)  # T[i, j, k] = ∂³f / ∂x_i ∂x_j ∂x_k
+    np.testing.assert_allclose(g, np.einsum("ijk,i,j->k", T, u, v), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 8])
+def test_hvps_equals_stacked_hvp(mode, chunk_size):
+    x, args = CASES["tree"][1](jnp.float64)
+    vs = jax.vmap(lambda k: random_like(k, x))(jax.random.split(jax.random.PRNGKey(4), 5))
+    out = hf.hvps(f_tree, x, vs, *args, mode=mode, chunk_size=chunk_size)
+    for i in range(5):
+        v = jax.tree_util.tree_map(lambda a, i=i: a[i], vs)
+        expected = flat(hf.hvp(f_tree, x, v, *args, mode=mode))
+        np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda a, i=i: a[i], out)), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_hvps_chunked_is_identical_to_unchunked_float32():
+    x, args = CASES["tree"][1](jnp.float32)
+    vs = jax.vmap(lambda k: random_like(k, x))(jax.random.split(jax.random.PRNGKey(5), 7))
+    full = flat(hf.hvps(f_tree, x, vs, *args))
+    chunked = flat(hf.hvps(f_tree, x, vs, *args, chunk_size=3))
+    # Same math; float32 rounding may differ in the last bits between batch shapes.
+    np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-6 * np.max(np.abs(full)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cache", [True, False])
+def test_hvp_fn_equals_hvp(mode, cache):
+    x, args = CASES["tree"][1](jnp.float64)
+    hv = hf.hvp_fn(f_tree, x, *args, mode=mode, cache=cache)
+    for seed in range(3):
+        v = random_like(jax.random.PRNGKey(10 + seed), x)
+        np.testing.assert_allclose(flat(hv(v)), flat(hf.hvp(f_tree, x, v, *args, mode=mode)), rtol=1e-12)
+
+
+def test_hvp_fn_keeps_float32_and_jits():
+    x, args = CASES["tree"][1](jnp.float32)
+    hv = hf.hvp_fn(f_tree, x, *args)
+    v = random_like(jax.random.PRNGKey(0), x)
+    out = jax.jit(hv)(v)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(out))
+
+
+def test_hvp_fn_cached_runs_gradient_pass_once():
+    calls = []
+
+    def f(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return f_flat(x)
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    hv = hf.hvp_fn(f, x, cache=True)
+    before = len(calls)
+    for _ in range(3):
+        jax.block_until_ready(hv(x))
+    assert len(calls) == before  # products replay only the tangent pass
+
+
+def test_tangent_is_cast_to_x_dtype():
+    x = jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float32)
+    out = hf.hvp(f_flat, x, jnp.ones(4, jnp.float64))
+    assert out.dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_error_structure_mismatch_names_both():
+    x = {"w": jnp.ones(2), "b": jnp.ones(())}
+    with pytest.raises(ValueError, match=r"v must have the same tree structure as x; got dict with keys \['w'\] vs \['b', 'w'\]"):
+        hf.hvp(lambda p: jnp.sum(p["w"] ** 2) + p["b"], x, {"w": jnp.ones(2)})
+
+
+def test_error_leaf_shape_names_the_leaf():
+    x = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"leaf \['w'\] has shape \(3, 2\) in v but \(2, 3\) in x"):
+        hf.hvp(lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"]), x, {"w": jnp.ones((3, 2)), "b": jnp.ones(3)})
+
+
+def test_error_f_not_scalar():
+    with pytest.raises(ValueError, match=r"f must return a scalar .*got output of shape\(s\) \(3,\)"):
+        hf.hvp(lambda x: x**2, jnp.ones(3), jnp.ones(3))
+
+
+def test_error_unknown_mode_lists_valid():
+    with pytest.raises(ValueError, match=r"mode must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_fwd'\]; got 'fwd'"):
+        hf.hvp(f_flat, jnp.ones(3), jnp.ones(3), mode="fwd")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hf.hvp_fn(f_flat, jnp.ones(3), mode="forward")
+
+
+def test_error_integer_x():
+    with pytest.raises(TypeError, match=r"x must have floating-point leaves.*leaf \['a'\] has dtype int"):
+        hf.hvp(lambda p: jnp.sum(p["a"] ** 2.0), {"a": jnp.arange(3)}, {"a": jnp.ones(3)})
+
+
+def test_error_f_not_callable():
+    with pytest.raises(TypeError, match=r"f must be callable"):
+        hf.hvp("f", jnp.ones(3), jnp.ones(3))
+
+
+def test_error_hvps_batch_axis():
+    x = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    f = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"leaf \['a'\] has shape \(3,\), expected \(batch, \*\(3,\)\)"):
+        hf.hvps(f, x, x)
+    with pytest.raises(ValueError, match=r"same leading batch size; leaf \['b'\] has 4"):
+        hf.hvps(f, x, {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 2))})
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer or None; got 0"):
+        hf.hvps(f, x, {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 2))}, chunk_size=0)
+
+
+def test_error_hvp_fn_checks_v():
+    hv = hf.hvp_fn(f_flat, jnp.ones(3))
+    with pytest.raises(ValueError, match=r"v must match the shapes of x"):
+        hv(jnp.ones(4))
+
+
+def test_matches_ravel_order_of_reference():
+    """Guard the oracle itself: the dense reference is in ravel_pytree order."""
+    x, args = CASES["tree"][1](jnp.float64)
+    flat_x, unravel = ravel_pytree(x)
+    e = jnp.zeros_like(flat_x).at[3].set(1.0)
+    column = flat(hf.hvp(f_tree, x, unravel(e), *args))
+    np.testing.assert_allclose(column, dense_hessian(f_tree, x, *args)[:, 3], rtol=1e-10)
