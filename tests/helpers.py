@@ -13,7 +13,9 @@ from jax.flatten_util import ravel_pytree
 def to_f64(tree: Any) -> Any:
     """Cast every floating leaf to float64 (needs jax_enable_x64, set in conftest)."""
     return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a,
+        lambda a: (
+            jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+        ),
         tree,
     )
 
@@ -31,7 +33,10 @@ def fd_hvp(f, x, v, *args, eps: float = 1e-5) -> np.ndarray:
     x64, v64, args64 = to_f64(x), to_f64(v), to_f64(args)
     flat, unravel = ravel_pytree(x64)
     vflat, _ = ravel_pytree(v64)
-    g = lambda z: ravel_pytree(jax.grad(f)(unravel(z), *args64))[0]
+
+    def g(z):
+        return ravel_pytree(jax.grad(f)(unravel(z), *args64))[0]
+
     return np.asarray((g(flat + eps * vflat) - g(flat - eps * vflat)) / (2 * eps))
 
 
@@ -46,5 +51,8 @@ def random_like(key, tree: Any) -> Any:
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
         treedef,
-        [jax.random.normal(k, jnp.shape(l), jnp.result_type(l)) for k, l in zip(keys, leaves)],
+        [
+            jax.random.normal(k, jnp.shape(l), jnp.result_type(l))
+            for k, l in zip(keys, leaves, strict=False)
+        ],
     )

@@ -2,9 +2,9 @@
 
 import jax.numpy as jnp
 import pytest
-from test_products import f_custom_vjp, f_flat, f_tree, tree_point
 
 import hessfree as hf
+from test_products import f_custom_vjp, f_flat, f_tree, tree_point
 
 
 def test_cost_reports_every_mode_and_grad():

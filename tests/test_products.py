@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import dense_hessian, fd_hvp, flat, random_like
 from jax.flatten_util import ravel_pytree
 
 import hessfree as hf
+from helpers import dense_hessian, fd_hvp, flat, random_like
 
 MODES = ["fwd_rev", "rev_rev", "rev_fwd", "auto"]
 
@@ -27,7 +27,11 @@ def f_tree(p, data):
     """A nested pytree: dict of list of NamedTuple and tuple, plus a scalar leaf."""
     layer, (c,) = p["layers"]
     h = jnp.tanh(data @ layer.w + layer.b)
-    return jnp.mean(jnp.log1p(jnp.exp(h @ c))) + p["scale"] ** 2 * jnp.sum(c**2) + jnp.sum(layer.w**4) / 7
+    return (
+        jnp.mean(jnp.log1p(jnp.exp(h @ c)))
+        + p["scale"] ** 2 * jnp.sum(c**2)
+        + jnp.sum(layer.w**4) / 7
+    )
 
 
 def tree_point(dtype):
@@ -100,7 +104,9 @@ def test_hvp_matches_central_differences(case):
     f, make = CASES[case]
     x, args = make(jnp.float64)
     v = random_like(jax.random.PRNGKey(2), x)
-    np.testing.assert_allclose(flat(hf.hvp(f, x, v, *args)), fd_hvp(f, x, v, *args), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        flat(hf.hvp(f, x, v, *args)), fd_hvp(f, x, v, *args), rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -113,7 +119,9 @@ def test_jit_and_vmap(mode):
     for i in range(4):
         v = jax.tree_util.tree_map(lambda a, i=i: a[i], vs)
         np.testing.assert_allclose(flat(jitted(x, v, *args)), H @ flat(v), rtol=1e-10)
-        np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda a, i=i: a[i], batched)), H @ flat(v), rtol=1e-10)
+        np.testing.assert_allclose(
+            flat(jax.tree_util.tree_map(lambda a, i=i: a[i], batched)), H @ flat(v), rtol=1e-10
+        )
 
 
 def test_vmap_over_points():
@@ -164,7 +172,9 @@ def test_explicit_forward_mode_on_custom_vjp_says_why():
         hf.hvp(f_custom_vjp, x, x, mode="fwd_rev")
     with pytest.raises(TypeError, match=r"mode 'rev_fwd' needs forward-mode"):
         hf.hvp(f_custom_vjp, x, x, mode="rev_fwd")
-    np.testing.assert_allclose(hf.hvp(f_custom_vjp, x, x, mode="rev_rev"), hf.hvp(f_custom_vjp, x, x))
+    np.testing.assert_allclose(
+        hf.hvp(f_custom_vjp, x, x, mode="rev_rev"), hf.hvp(f_custom_vjp, x, x)
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -186,7 +196,9 @@ def test_hvps_equals_stacked_hvp(mode, chunk_size):
     for i in range(5):
         v = jax.tree_util.tree_map(lambda a, i=i: a[i], vs)
         expected = flat(hf.hvp(f_tree, x, v, *args, mode=mode))
-        np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda a, i=i: a[i], out)), expected, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            flat(jax.tree_util.tree_map(lambda a, i=i: a[i], out)), expected, rtol=1e-12, atol=1e-14
+        )
 
 
 def test_hvps_chunked_is_identical_to_unchunked_float32():
@@ -205,7 +217,9 @@ def test_hvp_fn_equals_hvp(mode, cache):
     hv = hf.hvp_fn(f_tree, x, *args, mode=mode, cache=cache)
     for seed in range(3):
         v = random_like(jax.random.PRNGKey(10 + seed), x)
-        np.testing.assert_allclose(flat(hv(v)), flat(hf.hvp(f_tree, x, v, *args, mode=mode)), rtol=1e-12)
+        np.testing.assert_allclose(
+            flat(hv(v)), flat(hf.hvp(f_tree, x, v, *args, mode=mode)), rtol=1e-12
+        )
 
 
 def test_hvp_fn_keeps_float32_and_jits():
@@ -242,30 +256,44 @@ def test_tangent_is_cast_to_x_dtype():
 
 def test_error_structure_mismatch_names_both():
     x = {"w": jnp.ones(2), "b": jnp.ones(())}
-    with pytest.raises(ValueError, match=r"v must have the same tree structure as x; got dict with keys \['w'\] vs \['b', 'w'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"v must have the same tree structure as x; got dict with keys \['w'\] vs \['b', 'w'\]",
+    ):
         hf.hvp(lambda p: jnp.sum(p["w"] ** 2) + p["b"], x, {"w": jnp.ones(2)})
 
 
 def test_error_leaf_shape_names_the_leaf():
     x = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
     with pytest.raises(ValueError, match=r"leaf \['w'\] has shape \(3, 2\) in v but \(2, 3\) in x"):
-        hf.hvp(lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"]), x, {"w": jnp.ones((3, 2)), "b": jnp.ones(3)})
+        hf.hvp(
+            lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"]),
+            x,
+            {"w": jnp.ones((3, 2)), "b": jnp.ones(3)},
+        )
 
 
 def test_error_f_not_scalar():
-    with pytest.raises(ValueError, match=r"f must return a scalar .*got output of shape\(s\) \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"f must return a scalar .*got output of shape\(s\) \(3,\)"
+    ):
         hf.hvp(lambda x: x**2, jnp.ones(3), jnp.ones(3))
 
 
 def test_error_unknown_mode_lists_valid():
-    with pytest.raises(ValueError, match=r"mode must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_fwd'\]; got 'fwd'"):
+    with pytest.raises(
+        ValueError,
+        match=r"mode must be one of \['auto', 'fwd_rev', 'rev_rev', 'rev_fwd'\]; got 'fwd'",
+    ):
         hf.hvp(f_flat, jnp.ones(3), jnp.ones(3), mode="fwd")
     with pytest.raises(ValueError, match="mode must be one of"):
         hf.hvp_fn(f_flat, jnp.ones(3), mode="forward")
 
 
 def test_error_integer_x():
-    with pytest.raises(TypeError, match=r"x must have floating-point leaves.*leaf \['a'\] has dtype int"):
+    with pytest.raises(
+        TypeError, match=r"x must have floating-point leaves.*leaf \['a'\] has dtype int"
+    ):
         hf.hvp(lambda p: jnp.sum(p["a"] ** 2.0), {"a": jnp.arange(3)}, {"a": jnp.ones(3)})
 
 
@@ -277,7 +305,9 @@ def test_error_f_not_callable():
 def test_error_hvps_batch_axis():
     x = {"a": jnp.ones(3), "b": jnp.ones(2)}
     f = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
-    with pytest.raises(ValueError, match=r"leaf \['a'\] has shape \(3,\), expected \(batch, \*\(3,\)\)"):
+    with pytest.raises(
+        ValueError, match=r"leaf \['a'\] has shape \(3,\), expected \(batch, \*\(3,\)\)"
+    ):
         hf.hvps(f, x, x)
     with pytest.raises(ValueError, match=r"same leading batch size; leaf \['b'\] has 4"):
         hf.hvps(f, x, {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 2))})

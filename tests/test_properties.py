@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import dense_hessian, flat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hessfree as hf
+from helpers import dense_hessian, flat
 
 shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)
 containers = st.sampled_from(["dict", "list", "tuple", "nested"])
@@ -67,4 +67,9 @@ def test_linearity(problem, a, b):
 @given(problems())
 def test_random_trees_match_dense(problem):
     x, _, v, mode = problem
-    np.testing.assert_allclose(flat(hf.hvp(coupled, x, v, mode=mode)), dense_hessian(coupled, x) @ flat(v), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        flat(hf.hvp(coupled, x, v, mode=mode)),
+        dense_hessian(coupled, x) @ flat(v),
+        rtol=1e-9,
+        atol=1e-9,
+    )

@@ -32,12 +32,16 @@ def test_equals_A_v_and_keeps_dtype(fn, dtype):
     out = fn(x, A, v)
     assert out.dtype == dtype and out.shape == (37,)
     tol = 1e-5 if dtype == jnp.float32 else 1e-12
-    np.testing.assert_allclose(out, np.asarray(A, np.float64) @ np.asarray(v, np.float64), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        out, np.asarray(A, np.float64) @ np.asarray(v, np.float64), rtol=tol, atol=tol
+    )
 
 
 def test_both_agree_exactly_enough():
     x, A, v = _random_problem(50, jnp.float64, seed=1)
-    np.testing.assert_allclose(hf.hvp_jvp_of_grad(x, A, v), hf.hvp_grad_of_grad(x, A, v), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        hf.hvp_jvp_of_grad(x, A, v), hf.hvp_grad_of_grad(x, A, v), rtol=1e-13, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("fn", SEED_FUNCTIONS)
@@ -56,7 +60,9 @@ def test_jit_and_vmap(fn):
     V = jnp.stack([v, 2 * v, -v])
     np.testing.assert_allclose(jax.vmap(fn, in_axes=(None, None, 0))(x, A, V), V @ A.T, rtol=1e-12)
     X = jnp.stack([x, x + 1])
-    np.testing.assert_allclose(jax.vmap(fn, in_axes=(0, None, None))(X, A, v), jnp.stack([A @ v] * 2), rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.vmap(fn, in_axes=(0, None, None))(X, A, v), jnp.stack([A @ v] * 2), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("fn", SEED_FUNCTIONS)
@@ -82,3 +88,11 @@ def test_integer_inputs_raise_type_error(fn):
         fn(jnp.ones(2), jnp.eye(2, dtype=jnp.int32), jnp.ones(2))
     with pytest.raises(TypeError, match=r"x must be a jax or numpy array"):
         fn([1.0, 1.0], jnp.eye(2), jnp.ones(2))
+
+
+@pytest.mark.parametrize("fn", SEED_FUNCTIONS)
+def test_mixed_precision_keeps_x_dtype(fn):
+    x = jnp.ones(3, jnp.float32)
+    out = fn(x, jnp.eye(3, dtype=jnp.float64), jnp.ones(3, jnp.float64))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.ones(3), rtol=1e-6)

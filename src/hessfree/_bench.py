@@ -43,14 +43,23 @@ def raw_idioms(f: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Callab
     def rev_rev(x: Any, v: Any) -> Any:
         def inner(y: Any) -> Any:
             g = grad_f(y)
-            return sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v), strict=True))
+            return sum(
+                jnp.vdot(a, b)
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v), strict=True
+                )
+            )
 
         return jax.grad(inner)(x)
 
     def rev_fwd(x: Any, v: Any) -> Any:
         return jax.grad(lambda y: jax.jvp(lambda z: f(z, *args), (y,), (v,))[1])(x)
 
-    return {"raw fwd_rev": jax.jit(fwd_rev), "raw rev_rev": jax.jit(rev_rev), "raw rev_fwd": jax.jit(rev_fwd)}
+    return {
+        "raw fwd_rev": jax.jit(fwd_rev),
+        "raw rev_rev": jax.jit(rev_rev),
+        "raw rev_fwd": jax.jit(rev_fwd),
+    }
 
 
 def product_table(
@@ -67,9 +76,13 @@ def product_table(
         say(name)
         times[name] = median_time(fn, x, v, repeats=repeats)
     say("hessfree hvp(auto)")
-    times["hessfree hvp(auto)"] = median_time(jax.jit(lambda y, u: hvp(f, y, u, *args)), x, v, repeats=repeats)
+    times["hessfree hvp(auto)"] = median_time(
+        jax.jit(lambda y, u: hvp(f, y, u, *args)), x, v, repeats=repeats
+    )
     say("hessfree hvp_fn(cache=True)")
-    times["hessfree hvp_fn cached, per product"] = median_time(hvp_fn(f, x, *args), v, repeats=repeats)
+    times["hessfree hvp_fn cached, per product"] = median_time(
+        hvp_fn(f, x, *args), v, repeats=repeats
+    )
     return times
 
 

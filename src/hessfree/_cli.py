@@ -39,12 +39,17 @@ def _compare(
 ) -> None:
     """Equal results, XLA's cost, eager and jitted time, side by side."""
     _say(title)
-    values = {name: np.asarray(jax.flatten_util.ravel_pytree(fn(*inputs))[0]) for name, fn in products.items()}
+    values = {
+        name: np.asarray(jax.flatten_util.ravel_pytree(fn(*inputs))[0])
+        for name, fn in products.items()
+    }
     first, *rest = values.values()
     scale = float(np.max(np.abs(first))) or 1.0
     for name, value in zip(list(values)[1:], rest, strict=True):
         diff = float(np.max(np.abs(value - first)))
-        _say(f"  results equal: max |{name} − {next(iter(values))}| = {diff:.2e} (of max |Hv| = {scale:.3g})")
+        _say(
+            f"  results equal: max |{name} − {next(iter(values))}| = {diff:.2e} (of max |Hv| = {scale:.3g})"
+        )
     header = f"  {'':24}{'flops':>10}{'bytes':>10}{'temp mem':>10}{'eager ms':>11}{'jit ms':>9}"
     _say(header)
     for name, fn in products.items():
@@ -60,18 +65,22 @@ def _compare(
 def demo(args: argparse.Namespace) -> int:
     """The seed's worked example, then jvp-of-grad vs grad-of-grad where it matters."""
     _say("hessfree demo: Hessian-vector products without the Hessian\n")
-    _say("1. The seed's worked example: f(x) = 0.5 xᵀAx, H v by jax.jvp(jax.grad(f), (x,), (v,))[1]")
+    _say(
+        "1. The seed's worked example: f(x) = 0.5 xᵀAx, H v by jax.jvp(jax.grad(f), (x,), (v,))[1]"
+    )
     A = jnp.array([[2.0, 0.0], [0.0, 3.0]])
     x = jnp.array([1.0, 1.0])
     v = jnp.array([1.0, 0.0])
     _say("   A = [[2, 0], [0, 3]], x = [1, 1], v = [1, 0]")
-    _say(f"   hvp_jvp_of_grad(x, A, v)  = {np.asarray(hvp_jvp_of_grad(x, A, v))}   (exact: A @ v = {np.asarray(A @ v)})")
+    _say(
+        f"   hvp_jvp_of_grad(x, A, v)  = {np.asarray(hvp_jvp_of_grad(x, A, v))}   (exact: A @ v = {np.asarray(A @ v)})"
+    )
     _say(f"   hvp_grad_of_grad(x, A, v) = {np.asarray(hvp_grad_of_grad(x, A, v))}\n")
 
     d = args.d
     quad = quadratic(d=d)
     (A_big,) = quad.args
-    u = jax.random.normal(jax.random.PRNGKey(3), (d,))
+    u = jax.random.normal(jax.random.PRNGKey(3), (d,), quad.x.dtype)
     costs = cost(quad.f, quad.x, A_big)
     _compare(
         f"2. The seed's quadratic at d = {d:,}: jvp-of-grad vs grad-of-grad (XLA's cost, median time)",
@@ -92,11 +101,17 @@ def demo(args: argparse.Namespace) -> int:
             "grad_of_grad (rev_rev)": lambda p, t, *a: hvp(net.f, p, t, *a, mode="rev_rev"),
             "grad_of_jvp (rev_fwd)": lambda p, t, *a: hvp(net.f, p, t, *a, mode="rev_fwd"),
         },
-        {"jvp_of_grad (fwd_rev)": costs["fwd_rev"], "grad_of_grad (rev_rev)": costs["rev_rev"], "grad_of_jvp (rev_fwd)": costs["rev_fwd"]},
+        {
+            "jvp_of_grad (fwd_rev)": costs["fwd_rev"],
+            "grad_of_grad (rev_rev)": costs["rev_rev"],
+            "grad_of_jvp (rev_fwd)": costs["rev_fwd"],
+        },
         (net.x, w, *net.args),
     )
     grad_cost = costs["grad"]
-    _say(f"   for scale: one gradient is {_fmt_count(grad_cost.flops)} flops; {n:,} parameters, H never formed")
+    _say(
+        f"   for scale: one gradient is {_fmt_count(grad_cost.flops)} flops; {n:,} parameters, H never formed"
+    )
     _say("\nNext: `hessfree bench` times every mode on larger workloads.")
     return 0
 

@@ -80,7 +80,9 @@ def cost(f: Callable[..., Any], x: PyTree, *args: Any) -> dict[str, ModeCost]:
         ``{"grad": ModeCost, "fwd_rev": ModeCost, "rev_rev": ModeCost, "rev_fwd": ModeCost}``.
     """
     check_hvp_args(f, x, args, "auto")
-    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jax.numpy.shape(a), jax.numpy.result_type(a)), x)
+    example = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jax.numpy.shape(a), jax.numpy.result_type(a)), x
+    )
     costs: dict[str, ModeCost] = {}
     for name, program in _programs(f, args).items():
         try:

@@ -27,7 +27,9 @@ MatVec = Callable[[PyTree], PyTree]
 
 def structure_of(tree: PyTree) -> PyTree:
     """A pytree of ``jax.ShapeDtypeStruct`` with the shapes and dtypes of `tree`."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree
+    )
 
 
 def as_matvec(A: Any, name: str = "A") -> MatVec:
@@ -50,7 +52,9 @@ def as_matvec(A: Any, name: str = "A") -> MatVec:
     raise TypeError(msg)
 
 
-def matvec_and_structure(A: Any, like: PyTree | None = None, name: str = "A") -> tuple[MatVec, PyTree]:
+def matvec_and_structure(
+    A: Any, like: PyTree | None = None, name: str = "A"
+) -> tuple[MatVec, PyTree]:
     """``(matvec, structure)`` of `A`; `like` is required only for a plain callable."""
     matvec = as_matvec(A, name)
     in_structure = getattr(A, "in_structure", None)

@@ -24,11 +24,18 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from ._validation import PyTree, check_choice, check_floating, check_like, check_positive_int
-from ._validation import check_scalar_fn
+from ._validation import (
+    PyTree,
+    check_choice,
+    check_floating,
+    check_like,
+    check_positive_int,
+    check_scalar_fn,
+)
 
 MODES = ("fwd_rev", "rev_rev", "rev_fwd")
 _FORWARD_REFUSED = (
@@ -41,7 +48,10 @@ VALID_MODES = ("auto", *MODES)
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Sum over leaves of the flat inner products ``⟨a, b⟩``."""
     return sum(
-        (jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)),
+        (
+            jnp.vdot(x, y)
+            for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+        ),
         start=jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(a))),
     )
 
@@ -91,7 +101,9 @@ def _fwd_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...])
                 raise
             continue
         if not _contains_primitive(closed.jaxpr, "custom_lin"):
-            out = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves, *jax.tree_util.tree_leaves(v))
+            out = jax.core.eval_jaxpr(
+                closed.jaxpr, closed.consts, *leaves, *jax.tree_util.tree_leaves(v)
+            )
             return jax.tree_util.tree_unflatten(treedef, out)
     raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev"))
 
@@ -124,7 +136,9 @@ def _auto(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) ->
     return _rev_rev(f, x, v, args)
 
 
-def _explained(mode: str) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
+def _explained(
+    mode: str,
+) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
     product = _PRODUCTS[mode]
 
     def run(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
@@ -138,7 +152,9 @@ def _explained(mode: str) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple
     return run
 
 
-def product_for(mode: str) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
+def product_for(
+    mode: str,
+) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
     """The unchecked ``(f, x, v, args) -> Hv`` implementation of `mode`."""
     return _auto if mode == "auto" else _explained(mode)
 
@@ -227,7 +243,7 @@ def hvps(
 
 def linearize_gradient(
     f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode: str = "auto"
-) -> tuple[PyTree, Partial]:
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
     """``(∇f(x), v -> H v)`` with the gradient pass run once and its residuals kept.
 
     For ``"fwd_rev"``/``"auto"`` this is ``jax.linearize`` of the gradient: each product then
@@ -261,7 +277,7 @@ def _first_of_pullback(pullback: Callable[[PyTree], tuple[PyTree]], v: PyTree) -
 
 
 @jax.jit
-def _apply(linear_fn: Partial, v: PyTree) -> PyTree:
+def _apply(linear_fn: Callable[[PyTree], PyTree], v: PyTree) -> PyTree:
     return linear_fn(v)
 
 

@@ -52,7 +52,8 @@ def hvp_jvp_of_grad(x: jax.Array, A: jax.Array, v: jax.Array) -> jax.Array:
         v: the direction, shape ``(d,)``.
 
     Returns:
-        ``H @ v`` with shape ``(d,)`` and the inputs' (promoted) dtype.
+        ``H @ v`` with shape ``(d,)`` and the dtype of `x` (`v` is cast to it: the tangent
+        lives in x's tangent space).
 
     Example:
         >>> import jax.numpy as jnp
@@ -64,6 +65,7 @@ def hvp_jvp_of_grad(x: jax.Array, A: jax.Array, v: jax.Array) -> jax.Array:
         Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
     """
     _check_seed_args(x, A, v)
+    v = jnp.asarray(v, x.dtype)  # the tangent lives in x's tangent space
     return jax.jvp(jax.grad(lambda y: _quadratic(y, A)), (x,), (v,))[1]
 
 
@@ -89,5 +91,6 @@ def hvp_grad_of_grad(x: jax.Array, A: jax.Array, v: jax.Array) -> jax.Array:
         Array([2., 0.], dtype=float32)
     """
     _check_seed_args(x, A, v)
+    v = jnp.asarray(v, x.dtype)
     grad_f = jax.grad(lambda y: _quadratic(y, A))
     return jax.grad(lambda y: jnp.vdot(grad_f(y), v))(x)

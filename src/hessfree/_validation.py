@@ -22,8 +22,9 @@ def describe_tree(tree: PyTree) -> str:
     """A short human description of a pytree's structure, for error messages."""
     if isinstance(tree, dict):
         return f"dict with keys {sorted(map(str, tree.keys()))}"
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return f"{type(tree).__name__} with fields {list(tree._fields)}"
+    fields = getattr(tree, "_fields", None)
+    if isinstance(tree, tuple) and fields is not None:
+        return f"{type(tree).__name__} with fields {list(fields)}"
     if isinstance(tree, list | tuple):
         return f"{type(tree).__name__} of length {len(tree)}"
     shape = getattr(tree, "shape", None)
@@ -107,7 +108,9 @@ def check_like(x: PyTree, v: PyTree, x_name: str, v_name: str, *, batched: bool 
             raise ValueError(msg)
 
 
-def check_scalar_fn(f: Callable[..., Any], x: PyTree, args: Sequence[Any], f_name: str = "f") -> None:
+def check_scalar_fn(
+    f: Callable[..., Any], x: PyTree, args: Sequence[Any], f_name: str = "f"
+) -> None:
     """Raise if `f` is not callable or `f(x, *args)` is not a real scalar (checked abstractly)."""
     if not callable(f):
         msg = f"{f_name} must be callable as {f_name}(x, *args); got {type(f).__name__}"

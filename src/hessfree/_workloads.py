@@ -60,7 +60,10 @@ def mlp_classifier(
     """A tanh MLP classifier under softmax cross-entropy; the default has ~1.07M parameters."""
     key = jax.random.PRNGKey(0) if key is None else key
     keys = jax.random.split(key, len(sizes) + 1)
-    params = [_dense_init(k, a, b, dtype) for k, a, b in zip(keys[:-2], sizes[:-1], sizes[1:], strict=False)]
+    params = [
+        _dense_init(k, a, b, dtype)
+        for k, a, b in zip(keys[:-2], sizes[:-1], sizes[1:], strict=False)
+    ]
     inputs = jax.random.normal(keys[-2], (batch, sizes[0]), dtype)
     labels = jax.random.randint(keys[-1], (batch,), 0, sizes[-1])
     n = sum(p.size for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,47 @@
+"""The command line runs and prints what it promises."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hessfree._cli import main
+
+
+def test_demo_prints_seed_answer_and_tables(capsys):
+    assert main(["demo", "--d", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "hvp_jvp_of_grad(x, A, v)  = [2. 0.]" in out
+    assert "results equal" in out and "flops" in out and "jit ms" in out
+    assert "jvp_of_grad (fwd_rev)" in out and "grad_of_grad (rev_rev)" in out
+
+
+def test_bench_prints_mode_table(capsys):
+    assert main(["bench", "quadratic", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in (
+        "grad",
+        "raw fwd_rev",
+        "raw rev_rev",
+        "raw rev_fwd",
+        "hessfree hvp(auto)",
+        "cached",
+    ):
+        assert row in out
+
+
+def test_bench_rejects_unknown_workload(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "unknown workload" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hessfree", "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["nope"])

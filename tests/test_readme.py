@@ -1,0 +1,45 @@
+"""The README's example runs and prints the exact values it claims."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_example_prints_value_next_to_exact():
+    code = _python_blocks()[0]
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(README), "exec"), namespace)
+    f, p, v, Hv = namespace["f"], namespace["p"], namespace["v"], namespace["Hv"]
+    # Independent reference: the dense Hessian of the raveled function.
+    flat_p, unravel = ravel_pytree(p)
+    H = jax.hessian(lambda z: f(unravel(z)))(flat_p)
+    np.testing.assert_allclose(ravel_pytree(Hv)[0], H @ ravel_pytree(v)[0], rtol=1e-6)
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        computed, exact = line.split("exact:")
+        assert computed.strip() == exact.strip(), line
+    # The comments in the README show what it prints.
+    for line, comment in zip(lines, re.findall(r"# (\[.*\] exact: \[.*\])", code), strict=True):
+        assert line.split() == comment.split()
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    text = README.read_text()
+    assert "pip install -e ." in text and "hessfree demo" in text
+    assert 'pip install -e ".[test]"' in text and "python -m pytest -n 2" in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'python" -m pytest -n 2' in ci
