@@ -1,8 +1,9 @@
 """Side-by-side timing of HVP idioms, shared by ``hessfree bench`` and ``benchmarks/``.
 
 Every alternative runs in this one process: compiled first (warm-up run), inputs blocked until
-ready, then the median of `repeats` timed runs, each blocked on its result. Ratios are what to
-quote: absolute times on a shared machine are noise.
+ready, then `repeats` rounds in which each alternative runs once in turn (so load from other
+processes falls on all alike), each run blocked on its result; the median per alternative is
+reported. Ratios are what to quote: absolute times on a shared machine are noise.
 """
 
 from __future__ import annotations
@@ -21,14 +22,27 @@ from ._workloads import Workload
 
 def median_time(fn: Callable[..., Any], *inputs: Any, repeats: int = 7) -> float:
     """Median seconds of ``fn(*inputs)`` after one warm-up call, results blocked on."""
-    jax.block_until_ready(inputs)
-    jax.block_until_ready(fn(*inputs))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return interleaved_times({"fn": (fn, inputs)}, repeats=repeats)["fn"]
+
+
+def interleaved_times(
+    candidates: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]], *, repeats: int = 7
+) -> dict[str, float]:
+    """Median seconds per call of each ``fn(*inputs)``, timed round-robin.
+
+    Every candidate is warmed up (compiled and run once) first; then each round times every
+    candidate once, in turn, so that load from other processes falls on all of them alike.
+    """
+    for fn, inputs in candidates.values():
+        jax.block_until_ready(inputs)
         jax.block_until_ready(fn(*inputs))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, (fn, inputs) in candidates.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*inputs))
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def raw_idioms(f: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Callable[..., Any]]:
@@ -63,27 +77,32 @@ def raw_idioms(f: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Callab
 
 
 def product_table(
-    workload: Workload, *, repeats: int = 7, progress: Callable[[str], None] | None = None
+    workload: Workload,
+    *,
+    repeats: int = 7,
+    progress: Callable[[str], None] | None = None,
+    extra: dict[str, Callable[[], Any]] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per call of the gradient, each raw idiom, hvp(auto) and a cached product."""
+    """Median seconds per call of the gradient, each raw idiom, hvp(auto) and a cached product.
+
+    `extra` adds peers (e.g. another framework's product) as argument-free callables, timed
+    in the same interleaved rounds.
+    """
     f, x, args = workload.f, workload.x, workload.args
     v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) / jnp.sqrt(a.size).astype(a.dtype), x)
     say = progress or (lambda _: None)
-    times: dict[str, float] = {}
-    say("gradient")
-    times["grad"] = median_time(jax.jit(lambda y: jax.grad(f)(y, *args)), x, repeats=repeats)
+    candidates: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+        "grad": (jax.jit(lambda y: jax.grad(f)(y, *args)), (x,))
+    }
     for name, fn in raw_idioms(f, args).items():
-        say(name)
-        times[name] = median_time(fn, x, v, repeats=repeats)
-    say("hessfree hvp(auto)")
-    times["hessfree hvp(auto)"] = median_time(
-        jax.jit(lambda y, u: hvp(f, y, u, *args)), x, v, repeats=repeats
-    )
-    say("hessfree hvp_fn(cache=True)")
-    times["hessfree hvp_fn cached, per product"] = median_time(
-        hvp_fn(f, x, *args), v, repeats=repeats
-    )
-    return times
+        candidates[name] = (fn, (x, v))
+    candidates["hessfree hvp(auto)"] = (jax.jit(lambda y, u: hvp(f, y, u, *args)), (x, v))
+    say("linearizing for the cached product")
+    candidates["hessfree hvp_fn cached, per product"] = (hvp_fn(f, x, *args), (v,))
+    for name, fn in (extra or {}).items():
+        candidates[name] = (fn, ())
+    say(f"compiling {len(candidates)} programs, then {repeats} interleaved rounds")
+    return interleaved_times(candidates, repeats=repeats)
 
 
 def format_table(title: str, times: dict[str, float], reference: str = "raw fwd_rev") -> str:

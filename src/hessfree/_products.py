@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.core
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import Partial
 
 from ._validation import (
@@ -59,6 +60,33 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 def cast_like(v: PyTree, x: PyTree) -> PyTree:
     """Cast each leaf of `v` to the dtype of the matching leaf of `x`."""
     return jax.tree_util.tree_map(lambda vl, xl: jnp.asarray(vl, dtype=jnp.result_type(xl)), v, x)
+
+
+def keep_sharding(out: PyTree, x: PyTree, *, batched: bool = False) -> PyTree:
+    """Give each concrete output leaf the sharding of the matching concrete leaf of `x`.
+
+    XLA's sharding propagation may pick another layout for a result than its input had
+    (e.g. a weight sharded by columns coming back sharded by rows); outside ``jit`` this puts
+    results back where the inputs live. Traced leaves are left to the caller's ``jit``: under
+    explicit mesh axes their types already carry the input's sharding, and under automatic
+    axes the caller's ``out_shardings`` decide. With ``batched=True`` outputs carry one
+    leading (unsharded) batch axis.
+    """
+
+    def one(o: Any, xl: Any) -> Any:
+        sharding = getattr(xl, "sharding", None)
+        if (
+            isinstance(o, jax.core.Tracer)
+            or isinstance(xl, jax.core.Tracer)
+            or not isinstance(sharding, NamedSharding)
+            or len(sharding.device_set) == 1
+        ):
+            return o
+        if batched:
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+        return jax.device_put(o, sharding)
+
+    return jax.tree_util.tree_map(one, out, x)
 
 
 def _grad_at(f: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[PyTree], PyTree]:
@@ -198,7 +226,7 @@ def hvp(f: Callable[..., Any], x: PyTree, v: PyTree, *args: Any, mode: str = "au
     """
     check_hvp_args(f, x, args, mode)
     check_like(x, v, "x", "v")
-    return product_for(mode)(f, x, cast_like(v, x), args)
+    return keep_sharding(product_for(mode)(f, x, cast_like(v, x), args), x)
 
 
 def hvps(
@@ -236,9 +264,8 @@ def hvps(
     def one(v: PyTree) -> PyTree:
         return product(f, x, v, args)
 
-    if chunk_size is None:
-        return jax.vmap(one)(vs)
-    return jax.lax.map(one, vs, batch_size=chunk_size)
+    out = jax.vmap(one)(vs) if chunk_size is None else jax.lax.map(one, vs, batch_size=chunk_size)
+    return keep_sharding(out, x, batched=True)
 
 
 def linearize_gradient(
@@ -316,6 +343,6 @@ def hvp_fn(
 
     def hv(v: PyTree) -> PyTree:
         check_like(x, v, "x", "v")
-        return _apply(linear, cast_like(v, x))
+        return keep_sharding(_apply(linear, cast_like(v, x)), x)
 
     return hv

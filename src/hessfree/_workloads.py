@@ -43,8 +43,12 @@ def mlp_apply(params: list[dict[str, jax.Array]], inputs: jax.Array) -> jax.Arra
 
 
 def _softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    # One-hot rather than a gather: the same value, and it partitions cleanly when the batch
+    # is sharded (a gather with sharded indices needs an explicit output sharding).
     logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+    return -jnp.mean(
+        jnp.sum(logp * jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype), axis=-1)
+    )
 
 
 def _mlp_loss(params: Any, inputs: jax.Array, labels: jax.Array) -> jax.Array:
