@@ -47,14 +47,17 @@ VALID_MODES = ("auto", *MODES)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum over leaves of the flat inner products ``⟨a, b⟩``."""
-    return sum(
-        (
-            jnp.vdot(x, y)
-            for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-        ),
-        start=jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(a))),
-    )
+    """Sum over leaves of the inner products ``⟨a, b⟩`` (real arrays).
+
+    Written as ``sum(a * b)`` rather than ``vdot``: a contraction over sharded axes has no
+    unambiguous output sharding under explicit mesh axes, an elementwise product and a sum
+    do (the sum becomes an all-reduce).
+    """
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    total = jnp.zeros((), jnp.result_type(*leaves_a))
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        total = total + jnp.sum(x * y)
+    return total
 
 
 def cast_like(v: PyTree, x: PyTree) -> PyTree:
@@ -116,11 +119,11 @@ def _contains_primitive(jaxpr: Any, name: str) -> bool:
 def _fwd_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
     # A custom_vjp inside f leaves a `custom_lin` in the traced product that forward mode
     # cannot evaluate (jax issue 16049); under jit that error would only surface at lowering,
-    # out of reach. So the product is traced first and inspected. jvp of the gradient leaves
-    # the primal branch of the custom_vjp in place; linearize stages the gradient out first,
-    # which prunes it where the loss does not need it. Both are the same forward-over-reverse
-    # product; where neither is free of `custom_lin`, forward mode is refused here, at once.
-    leaves, treedef = jax.tree_util.tree_flatten(x)
+    # out of reach. So the product is first traced abstractly and inspected (a trace-time
+    # cost only), then run. jvp of the gradient leaves the primal branch of the custom_vjp in
+    # place; linearize stages the gradient out first, which prunes it where the loss does not
+    # need it. Both are the same forward-over-reverse product; where neither is free of
+    # `custom_lin`, forward mode is refused here, at once.
     for product in (_fwd_rev_eager, _fwd_rev_staged):
         try:
             closed = jax.make_jaxpr(lambda x_, v_, p=product: p(f, x_, v_, args))(x, v)
@@ -129,10 +132,7 @@ def _fwd_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...])
                 raise
             continue
         if not _contains_primitive(closed.jaxpr, "custom_lin"):
-            out = jax.core.eval_jaxpr(
-                closed.jaxpr, closed.consts, *leaves, *jax.tree_util.tree_leaves(v)
-            )
-            return jax.tree_util.tree_unflatten(treedef, out)
+            return product(f, x, v, args)
     raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev"))
 
 

@@ -1,0 +1,165 @@
+"""Checks on 8 simulated CPU devices; run in a subprocess by tests/test_sharding.py.
+
+XLA's device count is fixed when JAX starts, so these checks cannot share the test process.
+`python tests/sharded_checks.py` runs them all and prints one JSON object: check name ->
+"ok" or the failure's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+
+import json
+import re
+import sys
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+jax.config.update("jax_enable_x64", True)
+
+import hessfree as hf  # noqa: E402
+from hessfree._workloads import mlp_classifier  # noqa: E402
+
+CHECKS: dict[str, Callable[[], None]] = {}
+
+
+def check(fn: Callable[[], None]) -> Callable[[], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def meshes():
+    """An 8-device data mesh and a 4×2 data × model mesh, with explicit and automatic axes."""
+    for shape, names in (((8, 1), ("data", "model")), ((4, 2), ("data", "model"))):
+        for kind in (AxisType.Explicit, AxisType.Auto):
+            yield (
+                f"{shape[0]}x{shape[1]}-{kind.name}",
+                jax.make_mesh(shape, names, axis_types=(kind, kind)),
+            )
+
+
+def problem(dtype=jnp.float64):
+    return mlp_classifier(sizes=(12, 16, 8), batch=32, dtype=dtype)
+
+
+def shard_problem(w, mesh):
+    """Weights column-sharded over `model`, biases over `model`, the batch over `data`."""
+
+    def place(leaf):
+        spec = P(None, "model") if leaf.ndim == 2 else P("model")
+        return jax.device_put(leaf, NamedSharding(mesh, spec))
+
+    params = jax.tree_util.tree_map(place, w.x)
+    inputs = jax.device_put(w.args[0], NamedSharding(mesh, P("data", None)))
+    labels = jax.device_put(w.args[1], NamedSharding(mesh, P("data")))
+    return params, inputs, labels
+
+
+def to_numpy(tree):
+    # On the host: ravel_pytree would reshape sharded arrays, which explicit axes refuse.
+    return np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+def assert_close(a, b, rtol=1e-10):
+    np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=rtol, atol=rtol)
+
+
+def assert_same_sharding(out, like, batched=False):
+    for o, x in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(like), strict=True):
+        want = x.sharding
+        if batched:
+            want = NamedSharding(want.mesh, P(None, *want.spec))
+        assert o.sharding.is_equivalent_to(want, o.ndim), (o.sharding, want)
+
+
+def assert_no_host_or_single_device(compiled_text: str):
+    """No host callback and no computation pinned to one device in the compiled program."""
+    assert not re.search(r"callback", compiled_text, re.I), "host callback in the compiled program"
+    assert "maximal" not in compiled_text, "a computation is pinned to a single device"
+
+
+def ones_like_tree(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.ones_like(a) / 3.0, tree)
+
+
+@check
+def hvp_matches_unsharded_and_keeps_sharding():
+    w = problem()
+    v0 = ones_like_tree(w.x)
+    reference = hf.hvp(w.f, w.x, v0, *w.args)
+    for name, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            v = jax.tree_util.tree_map(lambda a, p: jax.device_put(a, p.sharding), v0, params)
+            for mode in ("fwd_rev", "rev_rev", "rev_fwd", "auto"):
+                out = hf.hvp(w.f, params, v, inputs, labels, mode=mode)
+                assert_close(out, reference)
+                assert_same_sharding(out, params)
+            jitted = jax.jit(lambda p, u, i, l: hf.hvp(w.f, p, u, i, l))
+            out = jitted(params, v, inputs, labels)
+            assert_close(out, reference)
+            if "Explicit" in name:  # explicit axes carry the sharding in the types
+                assert_same_sharding(out, params)
+            hv = hf.hvp_fn(w.f, params, inputs, labels)
+            out = hv(v)
+            assert_close(out, reference)
+            assert_same_sharding(out, params)
+
+
+@check
+def hvps_chunked_matches_and_keeps_sharding():
+    w = problem()
+    vs0 = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a, -a]), ones_like_tree(w.x))
+    reference = hf.hvps(w.f, w.x, vs0, *w.args)
+    for _, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            for chunk in (None, 2):
+                out = hf.hvps(w.f, params, vs0, inputs, labels, chunk_size=chunk)
+                assert_close(out, reference)
+                assert_same_sharding(out, params, batched=True)
+
+
+@check
+def hvp_program_has_no_host_transfer():
+    w = problem()
+    for _, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            v = jax.tree_util.tree_map(
+                lambda a, p: jax.device_put(jnp.ones_like(a), p.sharding), w.x, params
+            )
+            text = (
+                jax.jit(lambda p, u, i, l: hf.hvp(w.f, p, u, i, l))
+                .lower(params, v, inputs, labels)
+                .compile()
+                .as_text()
+            )
+            assert_no_host_or_single_device(text)
+
+
+def main(names: list[str]) -> int:
+    assert len(jax.devices()) == 8, jax.devices()
+    results = {}
+    for name in names or list(CHECKS):
+        try:
+            CHECKS[name]()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
