@@ -25,7 +25,7 @@ def dense_hessian(f, x, *args) -> np.ndarray:
     x64 = to_f64(x)
     args64 = to_f64(args)
     flat, unravel = ravel_pytree(x64)
-    return np.asarray(jax.hessian(lambda z: f(unravel(z), *args64))(flat))
+    return np.asarray(jax.jit(jax.hessian(lambda z: f(unravel(z), *args64)))(flat))
 
 
 def fd_hvp(f, x, v, *args, eps: float = 1e-5) -> np.ndarray:
