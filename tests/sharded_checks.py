@@ -148,6 +148,51 @@ def hvp_program_has_no_host_transfer():
             assert_no_host_or_single_device(text)
 
 
+@check
+def operators_match_unsharded_and_keep_sharding():
+    w = problem()
+    v0 = ones_like_tree(w.x)
+    key = jax.random.PRNGKey(0)
+
+    def operators(params, inputs, labels):
+        return {
+            "hessian": hf.hessian(w.f, params, inputs, labels),
+            "ggn": hf.ggn(w.model, "softmax_cross_entropy", params, inputs, labels),
+            "ggn callable loss": hf.ggn(w.model, softmax_xent, params, inputs, labels),
+            "fisher exact": hf.fisher(w.model, params, inputs, likelihood="categorical"),
+            "fisher mc": hf.fisher(
+                w.model, params, inputs, likelihood="categorical", kind="mc", key=key
+            ),
+            "fisher empirical": hf.fisher(
+                w.model, params, inputs, likelihood="categorical", kind="empirical", targets=labels
+            ),
+        }
+
+    reference = {name: op.mv(v0) for name, op in operators(w.x, *w.args).items()}
+    for mesh_name, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            v = jax.tree_util.tree_map(lambda a, p: jax.device_put(a, p.sharding), v0, params)
+            for name, op in operators(params, inputs, labels).items():
+                out = op.mv(v)
+                assert_close(out, reference[name], rtol=1e-9)
+                if "Explicit" in mesh_name:
+                    assert_same_sharding(out, params)
+                damped = jax.jit(lambda o, u: (o + 0.5).mv(u))(op, v)
+                assert_close(
+                    damped,
+                    jax.tree_util.tree_map(lambda a, b: a + 0.5 * b, reference[name], v0),
+                    rtol=1e-9,
+                )
+
+
+def softmax_xent(logits, labels):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(
+        jnp.sum(logp * jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype), axis=-1)
+    )
+
+
 def main(names: list[str]) -> int:
     assert len(jax.devices()) == 8, jax.devices()
     results = {}
