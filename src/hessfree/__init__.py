@@ -7,14 +7,24 @@ in private modules.
 
 from ._cost import cost as cost
 from ._cost import select_mode as select_mode
+from ._estimators import TraceEstimate as TraceEstimate
+from ._estimators import diagonal as diagonal
+from ._estimators import trace as trace
 from ._operators import CurvatureOperator as CurvatureOperator
 from ._operators import fisher as fisher
 from ._operators import ggn as ggn
 from ._operators import hessian as hessian
+from ._per_example import per_example_grad_norms as per_example_grad_norms
+from ._per_example import per_example_vhv as per_example_vhv
 from ._products import hvp as hvp
 from ._products import hvp_fn as hvp_fn
 from ._products import hvps as hvps
 from ._seed import hvp_grad_of_grad as hvp_grad_of_grad
 from ._seed import hvp_jvp_of_grad as hvp_jvp_of_grad
+from ._spectral import EigshInfo as EigshInfo
+from ._spectral import LanczosResult as LanczosResult
+from ._spectral import eigsh as eigsh
+from ._spectral import lanczos as lanczos
+from ._spectral import spectral_density as spectral_density
 
 __version__ = "0.1.0"

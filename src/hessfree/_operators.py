@@ -225,16 +225,39 @@ class CurvatureOperator:
         except ImportError as err:  # pragma: no cover - depends on the environment
             msg = "as_scipy() needs scipy: pip install scipy (or hessfree[bench])"
             raise ImportError(msg) from err
+        # Ravel and unravel on the host: inside one XLA program, slicing a flat vector into
+        # the parameters' shapes and concatenating the result made each product about 8x
+        # slower on XLA:CPU (measured on the 1M-parameter MLP) than the pytree product.
+        structure = self.in_structure()
+        leaves, treedef = jax.tree_util.tree_flatten(structure)
+        splits = np.cumsum([int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves])[:-1]
         dtype = self.dtype
 
+        def to_tree(x: np.ndarray, batch: tuple[int, ...]) -> PyTree:
+            parts = np.split(np.asarray(x), splits, axis=0)
+            return jax.tree_util.tree_unflatten(
+                treedef,
+                [
+                    jnp.asarray(np.moveaxis(part, 0, -1).reshape(*batch, *leaf.shape), leaf.dtype)
+                    for part, leaf in zip(parts, leaves, strict=True)
+                ],
+            )
+
+        def to_flat(tree: PyTree, batch: tuple[int, ...]) -> np.ndarray:
+            flat = [
+                np.asarray(leaf, dtype).reshape(*batch, -1)
+                for leaf in jax.tree_util.tree_leaves(tree)
+            ]
+            return np.moveaxis(np.concatenate(flat, axis=-1), -1, 0)
+
         def matvec(x: np.ndarray) -> np.ndarray:
-            return np.asarray(_flat_mv(self, jnp.asarray(np.ravel(x), dtype)))
+            return to_flat(_apply(self, to_tree(np.ravel(x), ())), ())
 
         def matmat(x: np.ndarray) -> np.ndarray:
-            return np.asarray(_flat_mm(self, jnp.asarray(x, dtype)))
+            k = np.shape(x)[1]
+            return to_flat(_apply_many(self, to_tree(x, (k,))), (k,))
 
-        shape = self.shape
-        return LinearOperator(shape, matvec, matvec, matmat, dtype)  # pyright: ignore[reportCallIssue]
+        return LinearOperator(self.shape, matvec, matvec, matmat, dtype)  # pyright: ignore[reportCallIssue]
 
     def as_lineax(self) -> Any:
         """A ``lineax.FunctionLinearOperator``: symmetric, and positive semidefinite if `psd`."""
@@ -262,13 +285,8 @@ _apply = jax.jit(_matvec)
 
 
 @jax.jit
-def _flat_mv(op: CurvatureOperator, x: jax.Array) -> jax.Array:
-    return op._flat()[0](x)
-
-
-@jax.jit
-def _flat_mm(op: CurvatureOperator, xs: jax.Array) -> jax.Array:
-    return jax.vmap(op._flat()[0], in_axes=1, out_axes=1)(xs)
+def _apply_many(op: CurvatureOperator, vs: PyTree) -> PyTree:
+    return jax.vmap(functools.partial(_matvec, op))(vs)
 
 
 @jax.jit

@@ -1,0 +1,104 @@
+"""Per-example gradient norms and vᵀH_b v against explicit loops over the batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from helpers import flat, random_like
+from hessfree import per_example_grad_norms, per_example_vhv
+
+RNG = np.random.default_rng(0)
+B = 10
+
+
+PARAMS = {
+    "w1": jnp.asarray(RNG.normal(size=(3, 4))),
+    "b1": jnp.asarray(RNG.normal(size=(4,))),
+    "w2": jnp.asarray(RNG.normal(size=(4,))),
+}
+
+
+def init(dtype=jnp.float64):
+    return jax.tree_util.tree_map(lambda leaf: leaf.astype(dtype), PARAMS)
+
+
+def loss(params, example):
+    h = jnp.tanh(example["x"] @ params["w1"] + params["b1"])
+    return (h @ params["w2"] - example["y"]) ** 2
+
+
+BATCH = {"x": jnp.asarray(RNG.normal(size=(B, 3))), "y": jnp.asarray(RNG.normal(size=(B,)))}
+
+
+def example(b):
+    return jax.tree_util.tree_map(lambda leaf: leaf[b], BATCH)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 32])
+def test_grad_norms_match_an_explicit_loop(chunk_size):
+    params = init()
+    expected = [np.linalg.norm(flat(jax.grad(loss)(params, example(b)))) for b in range(B)]
+    norms = per_example_grad_norms(loss, params, BATCH, chunk_size=chunk_size)
+    assert norms.shape == (B,)
+    np.testing.assert_allclose(norms, expected, rtol=1e-12)
+
+
+def test_grad_norms_under_jit_keep_float32():
+    params = init(jnp.float32)
+    batch = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float32), BATCH)
+    norms = jax.jit(lambda p, d: per_example_grad_norms(loss, p, d, chunk_size=3))(params, batch)
+    assert norms.dtype == jnp.float32
+    expected = per_example_grad_norms(loss, init(), BATCH)
+    np.testing.assert_allclose(norms, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_vhv_matches_dense_per_example_hessians(chunk_size):
+    params = init()
+    v = random_like(jax.random.PRNGKey(1), params)
+    flat_params, unravel = ravel_pytree(params)
+    hessian_at = jax.jit(jax.hessian(lambda z, e: loss(unravel(z), e)))
+    expected = [
+        flat(v) @ np.asarray(hessian_at(flat_params, example(b))) @ flat(v) for b in range(3)
+    ]
+    got = per_example_vhv(loss, params, BATCH, v, chunk_size=chunk_size)
+    assert got.shape == (B,)
+    np.testing.assert_allclose(got[:3], expected, rtol=1e-10)
+
+
+@jax.custom_vjp
+def smooth_abs(x):
+    return jnp.sqrt(x**2 + 1.0)
+
+
+smooth_abs.defvjp(lambda x: (smooth_abs(x), x), lambda x, g: (g * x / jnp.sqrt(x**2 + 1.0),))
+
+
+def test_vhv_through_a_custom_vjp_falls_back_to_hvps():
+    def custom_loss(params, example):
+        return jnp.sum(smooth_abs(example["x"] @ params["w1"]))
+
+    params = init()
+    v = random_like(jax.random.PRNGKey(2), params)
+    got = per_example_vhv(custom_loss, params, BATCH, v)
+
+    def plain(params, example):
+        return jnp.sum(jnp.sqrt((example["x"] @ params["w1"]) ** 2 + 1.0))
+
+    np.testing.assert_allclose(got, per_example_vhv(plain, params, BATCH, v), rtol=1e-10)
+
+
+def test_errors_name_the_argument():
+    params = init()
+    with pytest.raises(ValueError, match="same leading axis B"):
+        per_example_grad_norms(loss, params, {"x": BATCH["x"], "y": BATCH["y"][:5]})
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer or None; got 0"):
+        per_example_grad_norms(loss, params, BATCH, chunk_size=0)
+    with pytest.raises(ValueError, match="loss must return a scalar"):
+        per_example_grad_norms(lambda p, e: e["x"] @ p["w1"], params, BATCH)
+    with pytest.raises(ValueError, match="v must have the same tree structure as params"):
+        per_example_vhv(loss, params, BATCH, {"w1": params["w1"]})
+    with pytest.raises(TypeError, match="params must have floating-point leaves"):
+        per_example_grad_norms(loss, {"w1": jnp.ones((3, 4), jnp.int32)}, BATCH)
