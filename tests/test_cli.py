@@ -45,3 +45,10 @@ def test_python_dash_m_entry_point():
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["nope"])
+
+
+def test_spectrum_command_writes_the_figure(tmp_path, capsys):
+    out = tmp_path / "spectrum.png"
+    assert main(["spectrum", "--out", str(out), "--k", "2"]) == 0
+    assert out.exists() and out.stat().st_size > 1000
+    assert "eigenvalue" in capsys.readouterr().out.lower()
