@@ -328,3 +328,68 @@ def test_matches_ravel_order_of_reference():
     e = jnp.zeros_like(flat_x).at[3].set(1.0)
     column = flat(hf.hvp(f_tree, x, unravel(e), *args))
     np.testing.assert_allclose(column, dense_hessian(f_tree, x, *args)[:, 3], rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- remat
+
+
+def _residual_mlp(params, x):
+    h = x
+    for p in params:
+        h = h + jnp.tanh(jax.nn.gelu(h @ p["w1"]) @ p["w2"])
+    return jnp.mean(h**2)
+
+
+def _residual_problem():
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    params = [
+        {"w1": jax.random.normal(k, (6, 24)) / 3, "w2": jax.random.normal(k, (24, 6)) / 5}
+        for k in keys
+    ]
+    return params, jax.random.normal(jax.random.PRNGKey(8), (16, 6))
+
+
+@pytest.mark.parametrize("remat", [True, jax.checkpoint_policies.dots_saveable])
+@pytest.mark.parametrize("mode", MODES)
+def test_remat_gives_the_same_products(remat, mode):
+    params, x = _residual_problem()
+    v = random_like(jax.random.PRNGKey(9), params)
+    expected = flat(hf.hvp(_residual_mlp, params, v, x, mode=mode))
+    np.testing.assert_allclose(
+        flat(hf.hvp(_residual_mlp, params, v, x, mode=mode, remat=remat)), expected, rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        flat(hf.hvp_fn(_residual_mlp, params, x, mode=mode, remat=remat)(v)), expected, rtol=1e-10
+    )
+    vs = jax.tree_util.tree_map(lambda a: jnp.stack([a, -a]), v)
+    np.testing.assert_allclose(
+        flat(
+            jax.tree_util.tree_map(
+                lambda a: a[1], hf.hvps(_residual_mlp, params, vs, x, mode=mode, remat=remat)
+            )
+        ),
+        -expected,
+        rtol=1e-10,
+    )
+
+
+def test_remat_shrinks_what_the_cached_linearization_holds():
+    params, x = _residual_problem()
+
+    def held_bytes(op):
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(op.matvec))
+
+    plain = held_bytes(hf.hessian(_residual_mlp, params, x))
+    full = held_bytes(hf.hessian(_residual_mlp, params, x, remat=True))
+    dots = held_bytes(
+        hf.hessian(_residual_mlp, params, x, remat=jax.checkpoint_policies.dots_saveable)
+    )
+    assert full < dots < plain
+    assert full < plain / 3
+
+
+def test_remat_rejects_a_non_policy():
+    with pytest.raises(
+        TypeError, match=r"remat must be False, True or a jax.checkpoint_policies policy; got 'yes'"
+    ):
+        hf.hvp(f_flat, jnp.ones(3), jnp.ones(3), remat="yes")

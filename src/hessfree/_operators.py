@@ -27,7 +27,14 @@ from jax.tree_util import Partial
 
 from . import _losses
 from ._linop import structure_of
-from ._products import cast_like, check_hvp_args, linearize_gradient, product_for
+from ._products import (
+    Remat,
+    cast_like,
+    check_hvp_args,
+    linearize_gradient,
+    product_for,
+    with_remat,
+)
 from ._validation import (
     PyTree,
     check_choice,
@@ -300,7 +307,12 @@ def _dense(op: CurvatureOperator) -> jax.Array:
 
 
 def hessian(
-    f: Callable[..., Any], x: PyTree, *args: Any, cache: bool = True, mode: str = "auto"
+    f: Callable[..., Any],
+    x: PyTree,
+    *args: Any,
+    cache: bool = True,
+    mode: str = "auto",
+    remat: Remat = False,
 ) -> CurvatureOperator:
     """The Hessian ``H = ∇²f(x)`` as an operator, ``v -> H v`` without forming H.
 
@@ -315,6 +327,8 @@ def hessian(
         *args: further arguments of `f`, held fixed.
         cache: linearize once (default) or recompute every product.
         mode: the HVP mode, as in :func:`hessfree.hvp`.
+        remat: run `f` under ``jax.checkpoint`` (True or a policy) so the cached
+            linearization holds only what the policy saves; see :func:`hessfree.hvp_fn`.
 
     Returns:
         A symmetric, indefinite (``psd=False``) :class:`CurvatureOperator` on pytrees like `x`.
@@ -330,6 +344,7 @@ def hessian(
         Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
     """
     check_hvp_args(f, x, args, mode)
+    f = with_remat(f, remat)
     if cache:
         _, matvec = linearize_gradient(f, x, args, mode)
     else:

@@ -187,6 +187,21 @@ def product_for(
     return _auto if mode == "auto" else _explained(mode)
 
 
+Remat = bool | Callable[..., Any] | None
+
+
+def with_remat(f: Callable[..., Any], remat: Remat) -> Callable[..., Any]:
+    """`f` under ``jax.checkpoint`` when asked: True saves nothing, a callable is the policy."""
+    if remat is None or remat is False:
+        return f
+    if remat is True:
+        return jax.checkpoint(f)
+    if callable(remat):
+        return jax.checkpoint(f, policy=remat)
+    msg = f"remat must be False, True or a jax.checkpoint_policies policy; got {remat!r}"
+    raise TypeError(msg)
+
+
 def check_hvp_args(f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode: str) -> None:
     """The checks every product runs before tracing anything."""
     check_choice(mode, VALID_MODES, "mode")
@@ -194,7 +209,14 @@ def check_hvp_args(f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode
     check_scalar_fn(f, x, args)
 
 
-def hvp(f: Callable[..., Any], x: PyTree, v: PyTree, *args: Any, mode: str = "auto") -> PyTree:
+def hvp(
+    f: Callable[..., Any],
+    x: PyTree,
+    v: PyTree,
+    *args: Any,
+    mode: str = "auto",
+    remat: Remat = False,
+) -> PyTree:
     """Hessian-vector product ``∇²f(x) v`` of a scalar function of a pytree.
 
     ``H v = d/dt ∇f(x + t v)|ₜ₌₀``, never forming H. Cost: about one gradient evaluation plus
@@ -206,6 +228,8 @@ def hvp(f: Callable[..., Any], x: PyTree, v: PyTree, *args: Any, mode: str = "au
         v: the direction, a pytree with the structure and leaf shapes of `x`.
         *args: further arguments of `f`, held fixed (not differentiated).
         mode: ``"auto"`` (default), ``"fwd_rev"``, ``"rev_rev"`` or ``"rev_fwd"``.
+        remat: run `f` under ``jax.checkpoint`` (True), or with a
+            ``jax.checkpoint_policies`` policy; see :func:`hvp_fn` for when this pays.
 
     Returns:
         ``H v``, a pytree like `x` (same structure, shapes and dtypes).
@@ -226,6 +250,7 @@ def hvp(f: Callable[..., Any], x: PyTree, v: PyTree, *args: Any, mode: str = "au
     """
     check_hvp_args(f, x, args, mode)
     check_like(x, v, "x", "v")
+    f = with_remat(f, remat)
     return keep_sharding(product_for(mode)(f, x, cast_like(v, x), args), x)
 
 
@@ -236,6 +261,7 @@ def hvps(
     *args: Any,
     mode: str = "auto",
     chunk_size: int | None = None,
+    remat: Remat = False,
 ) -> PyTree:
     """Many Hessian-vector products ``[H v₁, …, H vₖ]`` at one point.
 
@@ -251,6 +277,7 @@ def hvps(
         *args: further arguments of `f`.
         mode: as in :func:`hvp`.
         chunk_size: at most this many tangents at once; None processes all k together.
+        remat: as in :func:`hvp`.
 
     Returns:
         A pytree like `vs`: leaf ``[i]`` of the result belongs to ``H vs[i]``.
@@ -258,6 +285,7 @@ def hvps(
     check_hvp_args(f, x, args, mode)
     check_like(x, vs, "x", "vs", batched=True)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    f = with_remat(f, remat)
     product = product_for(mode)
     vs = cast_like(vs, x)
 
@@ -309,7 +337,12 @@ def _apply(linear_fn: Callable[[PyTree], PyTree], v: PyTree) -> PyTree:
 
 
 def hvp_fn(
-    f: Callable[..., Any], x: PyTree, *args: Any, mode: str = "auto", cache: bool = True
+    f: Callable[..., Any],
+    x: PyTree,
+    *args: Any,
+    mode: str = "auto",
+    cache: bool = True,
+    remat: Remat = False,
 ) -> Callable[[PyTree], PyTree]:
     """A function ``v -> ∇²f(x) v`` for repeated products at one point.
 
@@ -327,6 +360,13 @@ def hvp_fn(
         mode: as in :func:`hvp`; caching applies to ``"fwd_rev"``, ``"rev_rev"`` and
             ``"auto"`` (``"rev_fwd"`` has nothing tangent-independent to keep).
         cache: keep the linearization (default) or recompute every product.
+        remat: trade time for the memory the cache holds: with ``remat=True`` (``f`` under
+            ``jax.checkpoint``) the linearization keeps only `f`'s inputs and each product
+            recomputes the forward pass; a ``jax.checkpoint_policies`` policy keeps what it
+            names (e.g. ``dots_saveable``: matmul outputs). Measured on a 12-block residual
+            MLP (3.1M parameters, batch 512, CPU): residuals 399 MiB → 25 MiB with True
+            (each product 2.7x slower) and → 220 MiB with ``dots_saveable`` (2.2x);
+            ``benchmarks/bench_memory.py``.
 
     Returns:
         A function of one pytree `v` like `x`, returning ``H v`` like `x`.
@@ -335,11 +375,11 @@ def hvp_fn(
     if not cache:
 
         def hv_uncached(v: PyTree) -> PyTree:
-            return hvp(f, x, v, *args, mode=mode)
+            return hvp(f, x, v, *args, mode=mode, remat=remat)
 
         return hv_uncached
 
-    _, linear = linearize_gradient(f, x, args, mode)
+    _, linear = linearize_gradient(with_remat(f, remat), x, args, mode)
 
     def hv(v: PyTree) -> PyTree:
         check_like(x, v, "x", "v")
