@@ -43,3 +43,17 @@ def test_readme_commands_are_the_ones_ci_runs():
     assert 'pip install -e ".[test]"' in text and "python -m pytest -n 2" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'python" -m pytest -n 2' in ci
+
+
+def test_readme_second_example_prints_values_next_to_exact():
+    code = _python_blocks()[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(README), "exec"), {})
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        computed, exact = line.split("exact:")
+        got = np.array([float(t) for t in re.findall(r"-?\d+\.?\d*(?:e-?\d+)?", computed)])
+        want = np.array([float(t) for t in re.findall(r"-?\d+\.?\d*(?:e-?\d+)?", exact)])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -5,11 +5,19 @@ spectra, traces and diagonals, never forming the d×d matrix. Public names only;
 in private modules.
 """
 
+from ._cg import CGResult as CGResult
+from ._cg import cg as cg
+from ._cost import ModeCost as ModeCost
 from ._cost import cost as cost
 from ._cost import select_mode as select_mode
 from ._estimators import TraceEstimate as TraceEstimate
 from ._estimators import diagonal as diagonal
 from ._estimators import trace as trace
+from ._minimize import STATUS_MESSAGES as STATUS_MESSAGES
+from ._minimize import Minimizer as Minimizer
+from ._minimize import MinimizeState as MinimizeState
+from ._minimize import OptimizeResult as OptimizeResult
+from ._minimize import minimize as minimize
 from ._operators import CurvatureOperator as CurvatureOperator
 from ._operators import fisher as fisher
 from ._operators import ggn as ggn
@@ -28,3 +36,40 @@ from ._spectral import lanczos as lanczos
 from ._spectral import spectral_density as spectral_density
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # seed
+    "hvp_grad_of_grad",
+    "hvp_jvp_of_grad",
+    # products
+    "ModeCost",
+    "cost",
+    "hvp",
+    "hvp_fn",
+    "hvps",
+    "select_mode",
+    # operators
+    "CurvatureOperator",
+    "fisher",
+    "ggn",
+    "hessian",
+    # solvers
+    "STATUS_MESSAGES",
+    "CGResult",
+    "MinimizeState",
+    "Minimizer",
+    "OptimizeResult",
+    "cg",
+    "minimize",
+    # analysis
+    "EigshInfo",
+    "LanczosResult",
+    "TraceEstimate",
+    "diagonal",
+    "eigsh",
+    "lanczos",
+    "per_example_grad_norms",
+    "per_example_vhv",
+    "spectral_density",
+    "trace",
+]
