@@ -186,6 +186,25 @@ def operators_match_unsharded_and_keep_sharding():
                 )
 
 
+@check
+def eigsh_and_trace_match_unsharded():
+    w = problem()
+    key = jax.random.PRNGKey(1)
+    op0 = hf.ggn(w.model, "softmax_cross_entropy", w.x, *w.args)
+    vals0, _ = hf.eigsh(op0, k=2, key=key)
+    tr0 = hf.trace(op0, key, num_probes=8)
+    diag0 = hf.diagonal(op0, key, num_probes=4)
+    for _, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            op = hf.ggn(w.model, "softmax_cross_entropy", params, inputs, labels)
+            vals, _ = hf.eigsh(op, k=2, key=key)
+            np.testing.assert_allclose(np.asarray(vals), np.asarray(vals0), rtol=1e-7)
+            tr = hf.trace(op, key, num_probes=8)
+            np.testing.assert_allclose(float(tr.value), float(tr0.value), rtol=1e-9)
+            assert_close(hf.diagonal(op, key, num_probes=4), diag0, rtol=1e-9)
+
+
 def softmax_xent(logits, labels):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(

@@ -37,7 +37,7 @@ from ._spectral import spectral_density as spectral_density
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     # seed
     "hvp_grad_of_grad",
     "hvp_jvp_of_grad",
