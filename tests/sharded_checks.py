@@ -205,6 +205,90 @@ def eigsh_and_trace_match_unsharded():
             assert_close(hf.diagonal(op, key, num_probes=4), diag0, rtol=1e-9)
 
 
+@check
+def cg_and_minimize_match_unsharded_without_host_transfer():
+    w = problem()
+    b0 = ones_like_tree(w.x)
+    op0 = hf.ggn(w.model, "softmax_cross_entropy", w.x, *w.args) + 0.1
+    x_ref = hf.cg(op0, b0, rtol=1e-10).x
+
+    def objective(p, inputs, labels):  # L2-regularized: a unique, well-conditioned minimizer
+        return w.f(p, inputs, labels) + 1e-2 * hf._products.tree_vdot(p, p)
+
+    ref = hf.minimize(objective, w.x, *w.args, method="trust-ncg", gtol=1e-7)
+    ref_ncg = hf.minimize(objective, w.x, *w.args, method="newton-cg", gtol=1e-7)
+    for mesh_name, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            b = jax.tree_util.tree_map(lambda a, p: jax.device_put(a, p.sharding), b0, params)
+            op = hf.ggn(w.model, "softmax_cross_entropy", params, inputs, labels) + 0.1
+            solve = jax.jit(lambda o, r: hf.cg(o, r, rtol=1e-10))
+            out = solve(op, b)
+            assert_close(out.x, x_ref, rtol=1e-8)
+            if "Explicit" in mesh_name:
+                assert_same_sharding(out.x, params)
+            assert_no_host_or_single_device(solve.lower(op, b).compile().as_text())
+
+            run = jax.jit(
+                lambda p, i, l: hf.minimize(objective, p, i, l, method="trust-ncg", gtol=1e-7)
+            )
+            res = run(params, inputs, labels)
+            # Sharded reductions add in another order: the same iterates up to rounding, so
+            # the stopping test may trigger one iteration apart.
+            assert int(res.status) == 0 and abs(int(res.nit) - int(ref.nit)) <= 1, (
+                res.nit,
+                ref.nit,
+            )
+            assert_close(res.x, ref.x, rtol=1e-6)
+            if "Explicit" in mesh_name:
+                assert_same_sharding(res.x, params)
+            assert_no_host_or_single_device(run.lower(params, inputs, labels).compile().as_text())
+            res = hf.minimize(objective, params, inputs, labels, method="newton-cg", gtol=1e-7)
+            assert int(res.status) == 0
+            assert_close(res.x, ref_ncg.x, rtol=1e-6)
+
+
+@check
+def lanczos_and_density_match_unsharded():
+    w = problem()
+    key = jax.random.PRNGKey(2)
+    op0 = hf.ggn(w.model, "softmax_cross_entropy", w.x, *w.args)
+    v0 = ones_like_tree(w.x)
+    lz0 = hf.lanczos(op0, v0, 8)
+    grid0, density0 = hf.spectral_density(op0, key, num_probes=2, num_steps=8, num_points=50)
+    for name, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            op = hf.ggn(w.model, "softmax_cross_entropy", params, inputs, labels)
+            v = jax.tree_util.tree_map(lambda a, p: jax.device_put(a, p.sharding), v0, params)
+            lz = hf.lanczos(op, v, 8)
+            np.testing.assert_allclose(np.asarray(lz.alphas), np.asarray(lz0.alphas), rtol=1e-9)
+            np.testing.assert_allclose(np.asarray(lz.betas), np.asarray(lz0.betas), rtol=1e-8)
+            assert_close(lz.basis, lz0.basis, rtol=1e-8)
+            if "Explicit" in name:  # the basis keeps the parameters' layout
+                assert_same_sharding(lz.basis, params, batched=True)
+            grid, density = hf.spectral_density(op, key, num_probes=2, num_steps=8, num_points=50)
+            np.testing.assert_allclose(np.asarray(grid), np.asarray(grid0), rtol=1e-9)
+            np.testing.assert_allclose(np.asarray(density), np.asarray(density0), rtol=1e-7)
+
+
+@check
+def eigsh_program_has_no_host_transfer():
+    w = problem()
+    key = jax.random.PRNGKey(1)
+    for _, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+
+            def top(p, i, l, k):
+                op = hf.ggn(w.model, "softmax_cross_entropy", p, i, l)
+                return hf.eigsh(op, k=2, key=k)[0]
+
+            text = jax.jit(top).lower(params, inputs, labels, key).compile().as_text()
+            assert "while" in text  # the Lanczos loop is in the program
+            assert_no_host_or_single_device(text)
+
+
 def softmax_xent(logits, labels):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(

@@ -43,7 +43,7 @@ from ._cg import (
     tree_size,
     tree_where,
 )
-from ._products import VALID_MODES, cast_like, linearize_gradient, tree_vdot
+from ._products import VALID_MODES, cast_like, linearize_gradient, match_sharding, tree_vdot
 from ._validation import PyTree, check_choice, check_floating, check_positive_int, check_scalar_fn
 
 METHODS = ("trust-ncg", "newton-cg")
@@ -180,13 +180,14 @@ def _probe_vector(x: PyTree) -> PyTree:
     """A fixed pseudo-random vector like x (key 0): generic, so it meets every eigenvector."""
     leaves, treedef = jax.tree_util.tree_flatten(x)
     keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-    return jax.tree_util.tree_unflatten(
+    u = jax.tree_util.tree_unflatten(
         treedef,
         [
             jax.random.normal(k, jnp.shape(l), jnp.result_type(l))
             for k, l in zip(keys, leaves, strict=True)
         ],
     )
+    return match_sharding(u, x)
 
 
 def forcing_term(gnorm: jax.Array, gnorm_prev: jax.Array, eta_prev: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.core
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.tree_util import Partial
 
 from ._validation import (
@@ -90,6 +90,29 @@ def keep_sharding(out: PyTree, x: PyTree, *, batched: bool = False) -> PyTree:
         return jax.device_put(o, sharding)
 
     return jax.tree_util.tree_map(one, out, x)
+
+
+def match_sharding(tree: PyTree, like: PyTree) -> PyTree:
+    """Give each leaf of `tree` the sharding type of the matching leaf of `like`.
+
+    Under explicit mesh axes a sharding is part of an array's type, and a freshly drawn array
+    (a random probe, a start vector) is unsharded: a linearized function refuses it as a
+    tangent of sharded parameters, and mixing it with them is ambiguous. This reshards it to
+    the parameters' layout. Under automatic axes (or without a mesh) it does nothing and
+    XLA's propagation decides.
+    """
+
+    def one(leaf: Any, like_leaf: Any) -> Any:
+        sharding = getattr(jax.typeof(like_leaf), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        explicit = mesh is not None and any(
+            t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())
+        )
+        if not explicit or all(axis is None for axis in sharding.spec):
+            return leaf
+        return jax.sharding.reshard(leaf, sharding.spec)
+
+    return jax.tree_util.tree_map(one, tree, like)
 
 
 def _grad_at(f: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[PyTree], PyTree]:
