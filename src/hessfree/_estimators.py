@@ -1,7 +1,10 @@
 """Randomized trace and diagonal estimates of an operator from matrix-vector products.
 
 All probes are drawn at once and pushed through the operator together (its ``mm`` if it has
-one, else ``vmap`` of its product), or `chunk_size` at a time to bound memory.
+one, else ``vmap`` of its product), or `chunk_size` at a time to bound memory. Probes are
+pytrees shaped like A's input (each leaf with a leading probe axis), drawn leaf by leaf in the
+input's dtypes and layout; nothing is raveled into one flat vector, so sharded parameters stay
+sharded.
 """
 
 from __future__ import annotations
@@ -11,7 +14,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._spectral import FlatOperator, batched_matvec, flat_operator, run_jitted
+from ._products import tree_vdot
+from ._spectral import (
+    TreeOperator,
+    batched_matvec,
+    combine,
+    empty_basis,
+    project,
+    random_tree,
+    run_jitted,
+    set_row,
+    tree_operator,
+    zeros,
+)
 from ._validation import PyTree, check_choice, check_positive_int
 
 METHODS = ("hutchinson", "hutch++")
@@ -34,11 +49,38 @@ class TraceEstimate(NamedTuple):
     num_matvecs: int
 
 
-def _probes(key: jax.Array, count: int, n: int, dtype: Any, distribution: str) -> jax.Array:
-    """``(count, n)`` probe vectors with ``E[z zᵀ] = I``."""
-    if distribution == "rademacher":
-        return jax.random.rademacher(key, (count, n), dtype)
-    return jax.random.normal(key, (count, n), dtype)
+def _probes(key: jax.Array, count: int, op: TreeOperator, distribution: str) -> PyTree:
+    """`count` probe vectors with ``E[z zᵀ] = I``: leaves ``(count, *leaf_shape)``."""
+    return random_tree(key, zeros(op), distribution, count)
+
+
+def _rowwise_dot(xs: PyTree, ys: PyTree) -> jax.Array:
+    """``(N,)`` inner products ``⟨xs[i], ys[i]⟩`` of two batches of vectors."""
+    return jax.vmap(tree_vdot)(xs, ys)
+
+
+def _orthonormal_rows(Y: PyTree, count: int) -> PyTree:
+    """Rows spanning those of `Y` (leaves ``(count, ...)``), orthonormal or zero.
+
+    Gram-Schmidt row by row, each row orthogonalized twice against the ones before; a row
+    that is (numerically) in the span of the previous ones becomes zero, so a rank-deficient
+    sketch gives zero rows instead of NaNs.
+    """
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(Y))
+    eps = jnp.finfo(dtype).eps
+    Q = empty_basis(jax.tree_util.tree_map(lambda y: jnp.zeros_like(y[0]), Y), count)
+
+    def step(i: jax.Array, Q: PyTree) -> PyTree:
+        y = jax.tree_util.tree_map(lambda leaf: leaf[i], Y)
+        w = y
+        for _ in range(2):
+            w = jax.tree_util.tree_map(jnp.subtract, w, combine(project(Q, w), Q))
+        norm = jnp.sqrt(tree_vdot(w, w))
+        keep = norm > 100 * eps * jnp.sqrt(tree_vdot(y, y))
+        scale = jnp.where(keep, 1 / jnp.where(norm > 0, norm, 1), 0)
+        return set_row(Q, i, jax.tree_util.tree_map(lambda x: x * scale.astype(x.dtype), w))
+
+    return jax.lax.fori_loop(0, count, step, Q)
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -49,25 +91,26 @@ def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _hutchinson(
-    op: FlatOperator, key: jax.Array, count: int, distribution: str, chunk_size: int | None
+    op: TreeOperator, key: jax.Array, count: int, distribution: str, chunk_size: int | None
 ) -> tuple[jax.Array, jax.Array]:
-    z = _probes(key, count, op.size, op.dtype, distribution)
-    samples = jnp.sum(z * batched_matvec(op, z, chunk_size), axis=1)
+    z = _probes(key, count, op, distribution)
+    samples = _rowwise_dot(z, batched_matvec(op, z, chunk_size))
     return _mean_and_stderr(samples)
 
 
 def _hutch_plus_plus(
-    op: FlatOperator, key: jax.Array, count: int, distribution: str, chunk_size: int | None
+    op: TreeOperator, key: jax.Array, count: int, distribution: str, chunk_size: int | None
 ) -> tuple[jax.Array, jax.Array]:
     """``tr(QᵀAQ) + hutchinson((I − QQᵀ) A (I − QQᵀ))`` with Q spanning ``A S``; budget count."""
     sketch = count // 3
     key_s, key_g = jax.random.split(key)
-    S = _probes(key_s, sketch, op.size, op.dtype, distribution)
-    Q, _ = jnp.linalg.qr(batched_matvec(op, S, chunk_size).T)
-    exact = jnp.sum(Q.T * batched_matvec(op, Q.T, chunk_size))
-    G = _probes(key_g, count - 2 * sketch, op.size, op.dtype, distribution)
-    G = G - (G @ Q) @ Q.T
-    samples = jnp.sum(G * batched_matvec(op, G, chunk_size), axis=1)
+    S = _probes(key_s, sketch, op, distribution)
+    Q = _orthonormal_rows(batched_matvec(op, S, chunk_size), sketch)
+    exact = jnp.sum(_rowwise_dot(Q, batched_matvec(op, Q, chunk_size)))
+    G = _probes(key_g, count - 2 * sketch, op, distribution)
+    coeffs = jax.vmap(project, in_axes=(None, 0))(Q, G)  # (count - 2 sketch, sketch)
+    G = jax.tree_util.tree_map(jnp.subtract, G, jax.vmap(combine, in_axes=(0, None))(coeffs, Q))
+    samples = _rowwise_dot(G, batched_matvec(op, G, chunk_size))
     rest, stderr = _mean_and_stderr(samples)
     return exact + rest, stderr
 
@@ -100,8 +143,8 @@ def trace(
     error falls as 1/N instead of 1/√N.
 
     Cost: exactly `num_probes` products with A (HVPs for a Hessian), run together (the
-    operator's ``mm`` or ``vmap``) or `chunk_size` at a time; Hutch++ adds a QR of an
-    ``(n, N/3)`` matrix.
+    operator's ``mm`` or ``vmap``) or `chunk_size` at a time; Hutch++ adds an
+    orthonormalization of the N/3 sketch vectors (Gram-Schmidt, ``O(n N²)`` flops).
 
     Args:
         A: an operator, a callable ``v -> A v`` (then pass `like`), or a dense square matrix.
@@ -132,7 +175,7 @@ def trace(
     if method == "hutch++" and num_probes < 3:
         msg = f"num_probes must be at least 3 for method='hutch++' (N/3 sketch); got {num_probes}"
         raise ValueError(msg)
-    flat_operator(A, like)  # checks A and like before tracing
+    tree_operator(A, like)  # checks A and like before tracing
     statics = {"num_probes": num_probes, "method": method, "distribution": distribution}
     value, stderr = run_jitted(_trace_impl, A, like, key, chunk_size=chunk_size, **statics)
     return TraceEstimate(value, stderr, num_probes)
@@ -148,7 +191,7 @@ def _trace_impl(
     distribution: str,
     chunk_size: int | None,
 ) -> tuple[jax.Array, jax.Array]:
-    op = flat_operator(A, like)
+    op = tree_operator(A, like)
     estimator = _hutchinson if method == "hutchinson" else _hutch_plus_plus
     return estimator(op, key, num_probes, distribution, chunk_size)
 
@@ -188,7 +231,7 @@ def diagonal(
         Math. 57, 2007.
     """
     _check_common(key, num_probes, distribution, chunk_size, "diagonal")
-    flat_operator(A, like)  # checks A and like before tracing
+    tree_operator(A, like)  # checks A and like before tracing
     statics = {"num_probes": num_probes, "distribution": distribution, "chunk_size": chunk_size}
     return run_jitted(_diagonal_impl, A, like, key, **statics)
 
@@ -202,7 +245,9 @@ def _diagonal_impl(
     distribution: str,
     chunk_size: int | None,
 ) -> PyTree:
-    op = flat_operator(A, like)
-    z = _probes(key, num_probes, op.size, op.dtype, distribution)
+    op = tree_operator(A, like)
+    z = _probes(key, num_probes, op, distribution)
     az = batched_matvec(op, z, chunk_size)
-    return op.unravel(jnp.sum(z * az, axis=0) / jnp.sum(z * z, axis=0))
+    return jax.tree_util.tree_map(
+        lambda zl, al: jnp.sum(zl * al, axis=0) / jnp.sum(zl * zl, axis=0), z, az
+    )

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from ._validation import PyTree, check_floating
 
@@ -26,10 +27,20 @@ MatVec = Callable[[PyTree], PyTree]
 
 
 def structure_of(tree: PyTree) -> PyTree:
-    """A pytree of ``jax.ShapeDtypeStruct`` with the shapes and dtypes of `tree`."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree
-    )
+    """A pytree of ``jax.ShapeDtypeStruct`` with the shapes, dtypes and shardings of `tree`.
+
+    The sharding is kept where a leaf is laid out over a mesh (its type's ``NamedSharding``
+    names a mesh axis), so that algorithms can draw probes and start vectors in the
+    parameters' layout; otherwise it is left unset.
+    """
+
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        sharding = getattr(jax.typeof(x), "sharding", None) if isinstance(x, jax.Array) else None
+        if not (isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec)):
+            sharding = None
+        return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=sharding)
+
+    return jax.tree_util.tree_map(leaf, tree)
 
 
 def as_matvec(A: Any, name: str = "A") -> MatVec:
