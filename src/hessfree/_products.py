@@ -387,9 +387,10 @@ def hvp_fn(
             ``jax.checkpoint``) the linearization keeps only `f`'s inputs and each product
             recomputes the forward pass; a ``jax.checkpoint_policies`` policy keeps what it
             names (e.g. ``dots_saveable``: matmul outputs). Measured on a 12-block residual
-            MLP (3.1M parameters, batch 512, CPU): residuals 399 MiB → 25 MiB with True
-            (each product 2.7x slower) and → 220 MiB with ``dots_saveable`` (2.2x);
-            ``benchmarks/bench_memory.py``.
+            MLP (6.3M parameters, batch 512, CPU): the cache holds 400 MiB, 25 MiB with
+            True and 220 MiB with ``dots_saveable``, and the products took 0.92x and 0.79x
+            the time of the plain cached one (memory-bound: re-reading 400 MiB costs about
+            what recomputing the forward pass does); ``benchmarks/bench_memory.py``.
 
     Returns:
         A function of one pytree `v` like `x`, returning ``H v`` like `x`.
