@@ -393,3 +393,17 @@ def test_remat_rejects_a_non_policy():
         TypeError, match=r"remat must be False, True or a jax.checkpoint_policies policy; got 'yes'"
     ):
         hf.hvp(f_flat, jnp.ones(3), jnp.ones(3), remat="yes")
+
+
+@pytest.mark.parametrize("name", ["mlp", "quadratic", "attention"])
+def test_auto_compiles_to_the_hand_written_jvp_of_grad_program(name):
+    """No overhead by construction: hvp(auto) is XLA's program for jvp(grad f), op for op."""
+    from hessfree._bench import same_program
+    from hessfree._workloads import attention_block, mlp_classifier, quadratic
+
+    small = {
+        "mlp": lambda: mlp_classifier(sizes=(8, 16, 4), batch=8),
+        "quadratic": lambda: quadratic(d=20),
+        "attention": lambda: attention_block(batch=2, seq=4, d_model=8),
+    }
+    assert same_program(small[name]())

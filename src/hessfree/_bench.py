@@ -8,6 +8,7 @@ reported. Ratios are what to quote: absolute times on a shared machine are noise
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -45,28 +46,21 @@ def interleaved_times(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def raw_idioms(f: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Callable[..., Any]]:
-    """The three hand-written HVP idioms a JAX user writes today, jitted."""
+def raw_idioms(f: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
+    """The three hand-written HVP idioms a JAX user writes today, jitted, data as arguments."""
 
-    def grad_f(y: Any) -> Any:
-        return jax.grad(f)(y, *args)
+    def fwd_rev(x: Any, v: Any, *args: Any) -> Any:
+        return jax.jvp(lambda y: jax.grad(f)(y, *args), (x,), (v,))[1]
 
-    def fwd_rev(x: Any, v: Any) -> Any:
-        return jax.jvp(grad_f, (x,), (v,))[1]
-
-    def rev_rev(x: Any, v: Any) -> Any:
+    def rev_rev(x: Any, v: Any, *args: Any) -> Any:
         def inner(y: Any) -> Any:
-            g = grad_f(y)
-            return sum(
-                jnp.vdot(a, b)
-                for a, b in zip(
-                    jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v), strict=True
-                )
-            )
+            g = jax.grad(f)(y, *args)
+            leaves = zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v), strict=True)
+            return sum(jnp.vdot(a, b) for a, b in leaves)
 
         return jax.grad(inner)(x)
 
-    def rev_fwd(x: Any, v: Any) -> Any:
+    def rev_fwd(x: Any, v: Any, *args: Any) -> Any:
         return jax.grad(lambda y: jax.jvp(lambda z: f(z, *args), (y,), (v,))[1])(x)
 
     return {
@@ -85,24 +79,59 @@ def product_table(
 ) -> dict[str, float]:
     """Median seconds per call of the gradient, each raw idiom, hvp(auto) and a cached product.
 
-    `extra` adds peers (e.g. another framework's product) as argument-free callables, timed
-    in the same interleaved rounds.
+    The data (`workload.args`) are passed as arguments of every compiled program, as the
+    library's style asks of users: closed over, they would become compile-time constants
+    that XLA may pre-arrange, which a real training loop's batches never are. Where a
+    program takes less than a millisecond, more rounds are run, so that each candidate is
+    timed for about 0.3 s. `extra` adds peers (e.g. another framework's product) as
+    argument-free callables, timed in the same interleaved rounds.
     """
     f, x, args = workload.f, workload.x, workload.args
     v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) / jnp.sqrt(a.size).astype(a.dtype), x)
     say = progress or (lambda _: None)
-    candidates: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
-        "grad": (jax.jit(lambda y: jax.grad(f)(y, *args)), (x,))
-    }
-    for name, fn in raw_idioms(f, args).items():
-        candidates[name] = (fn, (x, v))
-    candidates["hessfree hvp(auto)"] = (jax.jit(lambda y, u: hvp(f, y, u, *args)), (x, v))
+    grad = jax.jit(lambda y, *a: jax.grad(f)(y, *a))
+    candidates: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {"grad": (grad, (x, *args))}
+    for name, fn in raw_idioms(f).items():
+        candidates[name] = (fn, (x, v, *args))
+    auto = jax.jit(lambda y, u, *a: hvp(f, y, u, *a))
+    candidates["hessfree hvp(auto)"] = (auto, (x, v, *args))
     say("linearizing for the cached product")
     candidates["hessfree hvp_fn cached, per product"] = (hvp_fn(f, x, *args), (v,))
     for name, fn in (extra or {}).items():
         candidates[name] = (fn, ())
-    say(f"compiling {len(candidates)} programs, then {repeats} interleaved rounds")
-    return interleaved_times(candidates, repeats=repeats)
+    say(f"compiling {len(candidates)} programs, then interleaved rounds")
+    fn, inputs = candidates["raw fwd_rev"]
+    probe = median_time(fn, *inputs, repeats=3)
+    rounds = max(repeats, min(400, int(0.3 / max(probe, 1e-6))))
+    return interleaved_times(candidates, repeats=rounds)
+
+
+def compiled_ops(fn: Callable[..., Any], *inputs: Any) -> list[str]:
+    """The optimized XLA program of ``jit(fn)(*inputs)`` as op lines, names and metadata removed."""
+    text = jax.jit(fn).lower(*inputs).compile().as_text()
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r",?\s*metadata=\{.*?\}", "", line)
+        line = re.sub(r"%[\w.\-]+|[\w.\-]+(?=: [a-z]+\d*\[)", "%", line)
+        if (
+            "=" in line
+            and not line.lstrip().startswith(('"', "HloModule"))
+            and not re.match(r"^\s*\d+ ", line)
+        ):
+            lines.append(line.strip())
+    return lines
+
+
+def same_program(workload: Workload) -> bool:
+    """Whether ``hessfree.hvp`` (auto) compiles to the ops of hand-written jvp(grad).
+
+    Compared as multisets of optimized XLA ops (names and metadata removed): the scheduler
+    may order independent ops differently between two compilations of one computation.
+    """
+    v = jax.tree_util.tree_map(jnp.ones_like, workload.x)
+    inputs = (workload.x, v, *workload.args)
+    auto = compiled_ops(lambda y, u, *a: hvp(workload.f, y, u, *a), *inputs)
+    return sorted(auto) == sorted(compiled_ops(raw_idioms(workload.f)["raw fwd_rev"], *inputs))
 
 
 def format_table(title: str, times: dict[str, float], reference: str = "raw fwd_rev") -> str:

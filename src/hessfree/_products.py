@@ -61,8 +61,23 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def cast_like(v: PyTree, x: PyTree) -> PyTree:
-    """Cast each leaf of `v` to the dtype of the matching leaf of `x`."""
-    return jax.tree_util.tree_map(lambda vl, xl: jnp.asarray(vl, dtype=jnp.result_type(xl)), v, x)
+    """Cast each leaf of `v` to the dtype of the matching leaf of `x` (a no-op where it has it)."""
+
+    def one(vl: Any, xl: Any) -> Any:
+        dtype = jnp.result_type(xl)
+        return vl if getattr(vl, "dtype", None) == dtype else jnp.asarray(vl, dtype=dtype)
+
+    return jax.tree_util.tree_map(one, v, x)
+
+
+def _is_sharded(x: PyTree) -> bool:
+    """Whether any leaf of `x` is a concrete array laid out over more than one device."""
+    return any(
+        isinstance(getattr(leaf, "sharding", None), NamedSharding)
+        and len(leaf.sharding.device_set) > 1
+        for leaf in jax.tree_util.tree_leaves(x)
+        if not isinstance(leaf, jax.core.Tracer)
+    )
 
 
 def keep_sharding(out: PyTree, x: PyTree, *, batched: bool = False) -> PyTree:
@@ -404,9 +419,11 @@ def hvp_fn(
         return hv_uncached
 
     _, linear = linearize_gradient(with_remat(f, remat), x, args, mode)
+    sharded = _is_sharded(x)
 
     def hv(v: PyTree) -> PyTree:
         check_like(x, v, "x", "v")
-        return keep_sharding(_apply(linear, cast_like(v, x)), x)
+        out = _apply(linear, cast_like(v, x))
+        return keep_sharding(out, x) if sharded else out
 
     return hv
