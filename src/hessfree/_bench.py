@@ -108,7 +108,7 @@ def product_table(
 
 def compiled_ops(fn: Callable[..., Any], *inputs: Any) -> list[str]:
     """The optimized XLA program of ``jit(fn)(*inputs)`` as op lines, names and metadata removed."""
-    text = jax.jit(fn).lower(*inputs).compile().as_text()
+    text = jax.jit(fn).lower(*inputs).compile().as_text() or ""
     lines = []
     for line in text.splitlines():
         line = re.sub(r",?\s*metadata=\{.*?\}", "", line)

@@ -119,10 +119,9 @@ def match_sharding(tree: PyTree, like: PyTree) -> PyTree:
 
     def one(leaf: Any, like_leaf: Any) -> Any:
         sharding = getattr(jax.typeof(like_leaf), "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        explicit = mesh is not None and any(
-            t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())
-        )
+        if not isinstance(sharding, NamedSharding):
+            return leaf
+        explicit = any(t == AxisType.Explicit for t in getattr(sharding.mesh, "axis_types", ()))
         if not explicit or all(axis is None for axis in sharding.spec):
             return leaf
         return jax.sharding.reshard(leaf, sharding.spec)
