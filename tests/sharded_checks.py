@@ -270,10 +270,6 @@ def lanczos_and_density_match_unsharded():
             assert_close(lz.basis, lz0.basis, rtol=1e-8)
             if "Explicit" in name:  # the basis keeps the parameters' layout
                 assert_same_sharding(lz.basis, params, batched=True)
-            if "Explicit" in name:
-                # probes run under vmap, which turns Lanczos' breakdown lax.cond into a select
-                # whose predicate carries no sharding: explicit axes refuse it (known gap)
-                continue
             grid, density = hf.spectral_density(op, key, num_probes=2, num_steps=8, num_points=50)
             np.testing.assert_allclose(np.asarray(grid), np.asarray(grid0), rtol=1e-9)
             np.testing.assert_allclose(np.asarray(density), np.asarray(density0), rtol=1e-7)

@@ -730,7 +730,12 @@ def _density_impl(
         return _quadrature(op.matvec, v0, num_steps)
 
     keys = jax.random.split(key, num_probes)
-    if chunk_size is None:
+    if any(_explicitly_sharded(leaf) for leaf in jax.tree_util.tree_leaves(zero)):
+        # Under explicit mesh axes, vmap would turn Lanczos' breakdown cond into a select
+        # whose batched predicate cannot carry the vectors' sharding (JAX refuses it): run
+        # the probes one after another instead; each product is still sharded.
+        nodes, weights = jax.lax.map(one, keys)
+    elif chunk_size is None:
         nodes, weights = jax.vmap(one)(keys)
     else:
         nodes, weights = jax.lax.map(one, keys, batch_size=chunk_size)
