@@ -204,6 +204,24 @@ def forcing_term(gnorm: jax.Array, gnorm_prev: jax.Array, eta_prev: jax.Array) -
     return jnp.clip(eta, jnp.finfo(gnorm.dtype).eps, _EW_MAX)
 
 
+def _along(
+    g: PyTree, d: PyTree, dHd: jax.Array, *, hits_boundary: Any, negative: Any, stationary: Any
+) -> Proposal:
+    """The step `d` with its quadratic model ``m(d) = gᵀd + ½ dᵀHd`` (curvature `dHd` given)."""
+    gd = tree_vdot(g, d)
+    return Proposal(
+        d=d,
+        gd=gd,
+        dHd=dHd,
+        model=gd + 0.5 * dHd,
+        step_norm=tree_norm(d),
+        hits_boundary=hits_boundary,
+        negative=negative,
+        stationary=stationary,
+        nonfinite=jnp.zeros((), bool),
+    )
+
+
 def _probe_curvature(hv: Callable[[PyTree], PyTree], x: PyTree, g: PyTree, iters: int):
     """Look for negative curvature at x with CG on ``H z = u`` for a fixed generic u.
 
@@ -484,18 +502,7 @@ class Minimizer:
         first = (res.negative | res.broken) & (res.k == 0)
         d = tree_where(first, res.p, res.x)
         dHd = jnp.where(first & res.negative, res.pAp, 0)
-        gd = tree_vdot(g, d)
-        proposal = Proposal(
-            d=d,
-            gd=gd,
-            dHd=dHd,
-            model=gd + 0.5 * dHd,
-            step_norm=tree_norm(d),
-            hits_boundary=false,
-            negative=false,
-            stationary=false,
-            nonfinite=false,
-        )
+        proposal = _along(g, d, dHd, hits_boundary=false, negative=false, stationary=false)
         return proposal, res.matvecs, eta
 
     def _escape_direction(self, hv, x, g, radius):
@@ -504,19 +511,9 @@ class Minimizer:
         if self.method == "trust-ncg":
             d = tree_scale(radius, d)
             dHd = dHd * radius**2
-        gd = tree_vdot(g, d)
-        proposal = Proposal(
-            d=d,
-            gd=gd,
-            dHd=dHd,
-            model=gd + 0.5 * dHd,
-            step_norm=tree_norm(d),
-            hits_boundary=jnp.ones((), bool),
-            negative=found,
-            stationary=jnp.ones((), bool),
-            nonfinite=jnp.zeros((), bool),
-        )
-        return proposal, matvecs, jnp.asarray(_EW_MAX, gd.dtype)
+        true = jnp.ones((), bool)
+        proposal = _along(g, d, dHd, hits_boundary=true, negative=found, stationary=true)
+        return proposal, matvecs, jnp.asarray(_EW_MAX, proposal.gd.dtype)
 
     def _try_trust(self, st: MinimizeState, args) -> _Tried:
         pr = st.proposal
