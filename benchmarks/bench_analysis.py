@@ -29,7 +29,7 @@ import scipy.sparse.linalg as sla
 from jax.flatten_util import ravel_pytree
 
 import hessfree
-from hessfree._workloads import mlp_apply, mlp_classifier
+from hessfree._cli.workloads import mlp_apply, mlp_classifier
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import hessfree as hf
-from hessfree._bench import interleaved_times
+from hessfree._cli.bench import interleaved_times
 from hessfree._products import linearize_gradient, with_remat
 
 RESULTS = Path(__file__).parent / "results"

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import hessfree as hf
-from hessfree._workloads import Workload, attention_block, mlp_classifier
+from hessfree._cli.workloads import Workload, attention_block, mlp_classifier
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

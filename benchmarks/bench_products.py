@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessfree._bench import format_table, product_table, same_program
-from hessfree._workloads import attention_block, mlp_classifier, quadratic
+from hessfree._cli.bench import format_table, product_table, same_program
+from hessfree._cli.workloads import attention_block, mlp_classifier, quadratic
 
 RESULTS = Path(__file__).parent / "results"
 

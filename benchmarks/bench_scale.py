@@ -28,8 +28,8 @@ def worker(num_devices: int, quick: bool, repeats: int) -> dict[str, float]:
     from jax.sharding import PartitionSpec as P
 
     import hessfree as hf
-    from hessfree._bench import interleaved_times
-    from hessfree._workloads import mlp_classifier
+    from hessfree._cli.bench import interleaved_times
+    from hessfree._cli.workloads import mlp_classifier
 
     w = mlp_classifier(
         sizes=(64, 256, 256, 10) if quick else (784, 512, 512, 10), batch=512 if quick else 2048

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 jax.config.update("jax_enable_x64", True)
 
 import hessfree as hf  # noqa: E402
-from hessfree._workloads import mlp_classifier  # noqa: E402
+from hessfree._cli.workloads import mlp_classifier  # noqa: E402
 
 CHECKS: dict[str, Callable[[], None]] = {}
 

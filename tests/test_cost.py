@@ -1,9 +1,14 @@
 """cost() reports XLA's figures per mode; select_mode() picks a mode that works."""
 
+import math
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import hessfree as hf
+from helpers import dense_hessian
 from test_products import f_custom_vjp, f_flat, f_tree, tree_point
 
 
@@ -13,10 +18,14 @@ def test_cost_reports_every_mode_and_grad():
     assert set(costs) == {"grad", "fwd_rev", "rev_rev", "rev_fwd"}
     for name, c in costs.items():
         assert c.error is None, name
-        assert c.flops is not None and c.flops > 0
-        assert c.bytes_accessed is not None and c.bytes_accessed > 0
-    # An HVP does strictly more arithmetic than the gradient it differentiates.
-    assert costs["fwd_rev"].flops > costs["grad"].flops
+        assert c.flops is not None and math.isfinite(c.flops) and c.flops > 0, name
+        assert c.bytes_accessed is not None and math.isfinite(c.bytes_accessed), name
+        assert c.bytes_accessed > 0, name
+    # An HVP does strictly more arithmetic than the gradient it differentiates, but only a
+    # small constant factor more (about 2-5x in theory; XLA reports ~2.2-2.5x here).
+    grad_flops = costs["grad"].flops
+    for mode in ("fwd_rev", "rev_rev", "rev_fwd"):
+        assert grad_flops < costs[mode].flops <= 10 * grad_flops, (mode, costs[mode], grad_flops)
 
 
 def test_cost_scales_with_problem_size():
@@ -34,13 +43,28 @@ def test_cost_marks_modes_a_custom_vjp_refuses():
 def test_select_mode_returns_a_working_mode():
     mode = hf.select_mode(f_flat, jnp.linspace(-1, 1, 50), repeats=2)
     assert mode in ("fwd_rev", "rev_rev", "rev_fwd")
-    assert hf.hvp(f_flat, jnp.ones(50), jnp.ones(50), mode=mode).shape == (50,)
+    x, v = jnp.linspace(-1.0, 1.0, 50), jnp.cos(jnp.arange(50.0))
+    out = hf.hvp(f_flat, x, v, mode=mode)
+    assert out.shape == (50,)
+    np.testing.assert_allclose(
+        out, dense_hessian(f_flat, x) @ np.asarray(v), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_select_mode_skips_modes_that_cannot_run():
     mode = hf.select_mode(f_custom_vjp, jnp.linspace(-1, 1, 5), repeats=1)
     assert mode in ("fwd_rev", "rev_rev")  # rev_fwd cannot go through this custom_vjp
-    hf.hvp(f_custom_vjp, jnp.linspace(-1, 1, 5), jnp.ones(5), mode=mode)
+    x, v = jnp.linspace(-1.0, 1.0, 5), jnp.arange(1.0, 6.0)
+    out = hf.hvp(f_custom_vjp, x, v, mode=mode)
+    # f = Σ softplus(x)² + Σ x³/3 is separable: its Hessian is diagonal, written out by hand
+    # in float64 (jax.hessian's forward pass cannot go through the custom_vjp).
+    z = np.asarray(x, np.float64)
+    sig, sp = 1 / (1 + np.exp(-z)), np.log1p(np.exp(z))
+    diag = 2 * sig**2 + 2 * sp * sig * (1 - sig) + 2 * z
+    np.testing.assert_allclose(out, diag * np.asarray(v), rtol=1e-10, atol=1e-12)
+    # ...and the same through reverse-over-reverse, independent of hessfree.
+    ref = jax.jacrev(jax.grad(f_custom_vjp))(x) @ v
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_select_mode_and_cost_check_arguments():

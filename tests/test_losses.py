@@ -8,6 +8,7 @@ import pytest
 from hessfree import _losses
 
 B, C = 5, 4
+SOFTMAX = _losses.LOSSES["softmax_cross_entropy"]
 
 
 def _logits(dtype=jnp.float64, shape=(B, C)):
@@ -60,22 +61,24 @@ LOSS_CASES = [
 @pytest.mark.parametrize(("loss", "kind"), LOSS_CASES)
 def test_loss_value_matches_hand_written(loss, kind):
     o, y = _logits(), _targets(loss, kind)
-    np.testing.assert_allclose(_losses.loss_value(loss, o, y), _ref_loss(loss, o, y), rtol=1e-12)
+    np.testing.assert_allclose(
+        _losses.get_loss(loss).value(o, y), _ref_loss(loss, o, y), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize(("loss", "kind"), LOSS_CASES)
 def test_output_hessian_matches_autodiff(loss, kind):
     o, y = _logits(), _targets(loss, kind)
-    H = jax.jit(jax.hessian(lambda z: _losses.loss_value(loss, z.reshape(B, C), y)))(o.ravel())
+    H = jax.jit(jax.hessian(lambda z: _losses.get_loss(loss).value(z.reshape(B, C), y)))(o.ravel())
     u = jax.random.normal(jax.random.PRNGKey(2), (B, C), jnp.float64)
-    hu = _losses.output_hessian_mv(loss, o, y, u)
+    hu = _losses.get_loss(loss).hessian_mv(o, y, u)
     np.testing.assert_allclose(hu.ravel(), H @ u.ravel(), rtol=1e-10, atol=1e-14)
 
 
 def test_softmax_hessian_matches_hand_written():
     o = _logits()
     u = jax.random.normal(jax.random.PRNGKey(3), (B, C), jnp.float64)
-    hu = _losses.output_hessian_mv("softmax_cross_entropy", o, None, u)
+    hu = SOFTMAX.hessian_mv(o, None, u)
     np.testing.assert_allclose(
         hu.ravel(), _ref_hessian_softmax(np.asarray(o)) @ u.ravel(), rtol=1e-12
     )
@@ -83,30 +86,26 @@ def test_softmax_hessian_matches_hand_written():
 
 def test_unnormalized_soft_labels_scale_the_hessian():
     o, y = _logits(), 2.5 * _targets("softmax_cross_entropy", "probs")
-    H = jax.jit(
-        jax.hessian(lambda z: _losses.loss_value("softmax_cross_entropy", z.reshape(B, C), y))
-    )(o.ravel())
+    H = jax.jit(jax.hessian(lambda z: SOFTMAX.value(z.reshape(B, C), y)))(o.ravel())
     u = jnp.ones((B, C), jnp.float64).at[:, 0].set(-1.0)
-    hu = _losses.output_hessian_mv("softmax_cross_entropy", o, y, u)
+    hu = SOFTMAX.hessian_mv(o, y, u)
     np.testing.assert_allclose(hu.ravel(), H @ u.ravel(), rtol=1e-10)
 
 
 def test_sequence_logits_hessian_is_block_diagonal_per_position():
     o = _logits(shape=(B, 3, C))
     y = jax.random.randint(jax.random.PRNGKey(4), (B, 3), 0, C)
-    H = jax.jit(
-        jax.hessian(lambda z: _losses.loss_value("softmax_cross_entropy", z.reshape(o.shape), y))
-    )(o.ravel())
+    H = jax.jit(jax.hessian(lambda z: SOFTMAX.value(z.reshape(o.shape), y)))(o.ravel())
     u = jax.random.normal(jax.random.PRNGKey(5), o.shape, jnp.float64)
-    hu = _losses.output_hessian_mv("softmax_cross_entropy", o, y, u)
+    hu = SOFTMAX.hessian_mv(o, y, u)
     np.testing.assert_allclose(hu.ravel(), H @ u.ravel(), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize(("loss", "kind"), LOSS_CASES)
 def test_output_grad_is_per_example_gradient(loss, kind):
     o, y = _logits(), _targets(loss, kind)
-    g = jax.grad(lambda z: _losses.loss_value(loss, z, y))(o) * B
-    np.testing.assert_allclose(_losses.output_grad(loss, o, y), g, rtol=1e-12, atol=1e-14)
+    g = jax.grad(lambda z: _losses.get_loss(loss).value(z, y))(o) * B
+    np.testing.assert_allclose(_losses.get_loss(loss).output_grad(o, y), g, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("loss", _losses.LOSSES)
@@ -115,17 +114,19 @@ def test_float32_stays_float32(loss):
     y = _targets(loss, "labels")
     y = y if loss == "softmax_cross_entropy" else y.astype(jnp.float32)
     u = jnp.ones((B, C), jnp.float32)
-    assert _losses.output_hessian_mv(loss, o, y, u).dtype == jnp.float32
-    assert _losses.output_grad(loss, o, y).dtype == jnp.float32
+    row = _losses.get_loss(loss)
+    assert row.hessian_mv(o, y, u).dtype == jnp.float32
+    assert row.output_grad(o, y).dtype == jnp.float32
+    assert row.value(o, y).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("likelihood", list(_losses.LIKELIHOODS))
 def test_sampled_gradients_average_to_output_fisher(likelihood):
     """E[r rᵀ] over the predictive equals B · H_L (statistical: many draws, fixed key)."""
-    loss = _losses.LIKELIHOODS[likelihood]
+    row = _losses.get_likelihood(likelihood)
     o = _logits()
     S = 20_000
-    r = _losses.sampled_output_grads(likelihood, o, jax.random.PRNGKey(6), S)
+    r = _losses.sampled_output_grads(row, o, jax.random.PRNGKey(6), S)
     assert r.shape == (S, B, C)
     outer = np.einsum("sbi,sbj->sbij", r, r)
     mean, stderr = outer.mean(0), outer.std(0) / np.sqrt(S)
@@ -133,7 +134,7 @@ def test_sampled_gradients_average_to_output_fisher(likelihood):
     exact = np.stack(
         [
             np.asarray(
-                jax.vmap(lambda e, b=b: _losses.output_hessian_mv(loss, o, None, e)[b] * B)(
+                jax.vmap(lambda e, b=b: row.hessian_mv(o, None, e)[b] * B)(
                     jnp.zeros((C, B, C), jnp.float64).at[:, b, :].set(eye)
                 )
             )
@@ -146,31 +147,80 @@ def test_sampled_gradients_average_to_output_fisher(likelihood):
 def test_samplers_shapes_and_dtypes():
     key = jax.random.PRNGKey(7)
     o = _logits(jnp.float32)
-    assert _losses.sample_targets("categorical", o, key, 3).shape == (3, B)
-    assert _losses.sample_targets("gaussian", o, key, 3).dtype == jnp.float32
-    y = _losses.sample_targets("bernoulli", o, key, 3)
+    assert _losses.get_likelihood("categorical").sample(key, o, 3).shape == (3, B)
+    assert _losses.get_likelihood("gaussian").sample(key, o, 3).dtype == jnp.float32
+    y = _losses.get_likelihood("bernoulli").sample(key, o, 3)
     assert y.shape == (3, B, C) and y.dtype == jnp.float32
     assert set(np.unique(np.asarray(y))) <= {0.0, 1.0}
 
 
+def test_table_rows_and_lookups():
+    assert set(_losses.LOSSES) == {"softmax_cross_entropy", "mse", "sigmoid_cross_entropy"}
+    assert set(_losses.LIKELIHOODS) == {"categorical", "gaussian", "bernoulli"}
+    for name, row in _losses.LOSSES.items():
+        assert row.name == name and _losses.get_loss(name) is row
+        assert _losses.get_likelihood(row.likelihood) is row
+    with pytest.raises(ValueError, match="loss must be one of"):
+        _losses.get_loss("hinge")
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        _losses.get_likelihood("poisson")
+
+
 def test_check_targets_errors():
     o = jax.ShapeDtypeStruct((B, C), jnp.float32)
+    mse = _losses.get_loss("mse")
     with pytest.raises(ValueError, match="loss must be one of"):
-        _losses.check_targets("hinge", o, jnp.zeros(B))
+        _losses.check_targets(_losses.get_loss("hinge"), o, jnp.zeros(B))
     with pytest.raises(ValueError, match=r"integer labels must have shape \(5,\)"):
-        _losses.check_targets("softmax_cross_entropy", o, jnp.zeros((B, 1), jnp.int32))
-    with pytest.raises(ValueError, match=r"probabilities must have shape \(5, 4\)"):
-        _losses.check_targets("softmax_cross_entropy", o, jnp.zeros((B,), jnp.float32))
-    with pytest.raises(ValueError, match=r"shape of the outputs \(5, 4\)"):
-        _losses.check_targets("mse", o, jnp.zeros((B, C + 1)))
+        _losses.check_targets(SOFTMAX, o, jnp.zeros((B, 1), jnp.int32))
+    with pytest.raises(
+        ValueError,
+        match=r"must have shape \(5, 4\) for outputs of shape \(5, 4\).*got shape \(5,\)",
+    ):
+        _losses.check_targets(SOFTMAX, o, jnp.zeros((B,), jnp.float32))
+    with pytest.raises(
+        ValueError,
+        match=r"must have shape \(5, 4\) for outputs of shape \(5, 4\).*got shape \(5, 5\)",
+    ):
+        _losses.check_targets(mse, o, jnp.zeros((B, C + 1)))
     with pytest.raises(ValueError, match="targets must be given"):
-        _losses.check_targets("mse", o, None)
+        _losses.check_targets(mse, o, None)
     with pytest.raises(ValueError, match=r"logits\) of shape \(B, ..., C\)"):
-        _losses.check_targets(
-            "softmax_cross_entropy", jax.ShapeDtypeStruct((B,), jnp.float32), jnp.zeros(B, int)
-        )
-    with pytest.raises(TypeError, match="integer labels or float probabilities"):
-        _losses.check_targets("softmax_cross_entropy", o, jnp.zeros(B, bool))
+        _losses.check_targets(SOFTMAX, jax.ShapeDtypeStruct((B,), jnp.float32), jnp.zeros(B, int))
+    with pytest.raises(TypeError, match=r"must be integer labels in \[0, C\) or probabilities"):
+        _losses.check_targets(SOFTMAX, o, jnp.zeros(B, bool))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/hessfree/_losses.py check_targets: float targets of the wrong shape are called "
+    "'targets as targets' instead of naming probabilities (0.1 said 'probabilities must have shape')",
+)
+def test_check_targets_names_probabilities():
+    o = jax.ShapeDtypeStruct((B, C), jnp.float32)
+    with pytest.raises(ValueError, match=r"probabilities must have shape \(5, 4\)"):
+        _losses.check_targets(SOFTMAX, o, jnp.zeros((B,), jnp.float32))
+
+
+def test_check_targets_refuses_concrete_out_of_range_values():
+    o = jax.ShapeDtypeStruct((B, C), jnp.float32)
+    with pytest.raises(ValueError, match="got values out of range"):
+        _losses.check_targets(SOFTMAX, o, jnp.full((B,), C, jnp.int32))
+    with pytest.raises(ValueError, match="got values out of range"):
+        _losses.check_targets(SOFTMAX, o, jnp.full((B, C), 0.5, jnp.float32))
+    with pytest.raises(ValueError, match="got values out of range"):
+        _losses.check_targets(_losses.get_loss("sigmoid_cross_entropy"), o, jnp.full((B, C), 2.0))
+    with pytest.raises(ValueError, match="got values out of range"):
+        _losses.check_targets(_losses.get_loss("mse"), o, jnp.full((B, C), jnp.nan))
+    _losses.check_targets(SOFTMAX, o, _targets("softmax_cross_entropy", "labels"))
+    _losses.check_targets(SOFTMAX, o, _targets("softmax_cross_entropy", "probs"))
+
+
+def test_outer_product_mv_matches_explicit_outer_products():
+    r = jax.random.normal(jax.random.PRNGKey(8), (3, B, C), jnp.float64)
+    u = jax.random.normal(jax.random.PRNGKey(9), (B, C), jnp.float64)
+    expected = np.einsum("sbi,sbj,bj->bi", r, r, u) / (B * 3)
+    np.testing.assert_allclose(_losses.outer_product_mv(r, u), expected, rtol=1e-12)
 
 
 def test_check_model_outputs_errors():

@@ -102,3 +102,82 @@ def test_errors_name_the_argument():
         per_example_vhv(loss, params, BATCH, {"w1": params["w1"]})
     with pytest.raises(TypeError, match="params must have floating-point leaves"):
         per_example_grad_norms(loss, {"w1": jnp.ones((3, 4), jnp.int32)}, BATCH)
+
+
+# --- B not a multiple of chunk_size: every entry, the last (short) chunk included ----------
+
+B_ODD = 7
+_RNG_ODD = np.random.default_rng(7)
+NESTED = {
+    "layers": [
+        (jnp.asarray(_RNG_ODD.normal(size=(3, 4))), jnp.asarray(_RNG_ODD.normal(size=(4,)))),
+    ],
+    "head": {"w": jnp.asarray(_RNG_ODD.normal(size=(4, 2))), "scale": jnp.asarray(0.8)},
+}
+# Every example distinct (and of distinct size), so a misplaced or duplicated row shows.
+BATCH_ODD = {
+    "x": jnp.asarray(_RNG_ODD.normal(size=(B_ODD, 3)) * np.arange(1, B_ODD + 1)[:, None] / 3),
+    "y": jnp.asarray(_RNG_ODD.normal(size=(B_ODD, 2))),
+}
+
+
+def nested_loss(params, ex):
+    ((w1, b1),) = params["layers"]
+    h = jnp.tanh(ex["x"] @ w1 + b1)
+    out = params["head"]["scale"] * (h @ params["head"]["w"])
+    return jnp.sum((out - ex["y"]) ** 2) + 0.1 * jnp.sum(jnp.sin(out))
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+
+
+def _example64(b):
+    """Example b alone, float64: the reference sees one example at a time, never the batch."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a[b], jnp.float64), BATCH_ODD)
+
+
+# float32 tolerances: the per-example quantities are O(1)–O(10); float32 carries ~7 digits.
+TOL = {jnp.float32: {"rtol": 2e-4, "atol": 1e-4}, jnp.float64: {"rtol": 1e-11, "atol": 1e-12}}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("chunk_size", [3, 5, 10, None])
+def test_grad_norms_every_entry_when_b_is_not_a_multiple_of_chunk_size(chunk_size, dtype):
+    params = _cast(NESTED, dtype)
+    batch = _cast(BATCH_ODD, dtype)
+    p64 = _cast(params, jnp.float64)  # the same (rounded) point, evaluated in float64
+    grad_one = jax.jit(jax.grad(nested_loss))
+    expected = np.array(
+        [
+            np.linalg.norm(np.asarray(ravel_pytree(grad_one(p64, _example64(b)))[0]))
+            for b in range(B_ODD)
+        ]
+    )
+    got = per_example_grad_norms(nested_loss, params, batch, chunk_size=chunk_size)
+    assert got.shape == (B_ODD,) and got.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, **TOL[dtype])
+    # The entries genuinely differ, so a row copied into the short chunk would be caught.
+    assert len(np.unique(np.round(expected, 6))) == B_ODD
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("chunk_size", [3, 5, 10, None])
+def test_vhv_every_entry_when_b_is_not_a_multiple_of_chunk_size(chunk_size, dtype):
+    params = _cast(NESTED, dtype)
+    batch = _cast(BATCH_ODD, dtype)
+    v = random_like(jax.random.PRNGKey(3), params)
+    z, unravel = ravel_pytree(_cast(params, jnp.float64))
+    vz = np.asarray(ravel_pytree(_cast(v, jnp.float64))[0])
+    hessian_at = jax.jit(jax.hessian(lambda q, ex: nested_loss(unravel(q), ex)))
+    expected = np.array([vz @ np.asarray(hessian_at(z, _example64(b))) @ vz for b in range(B_ODD)])
+    got = per_example_vhv(nested_loss, params, batch, v, chunk_size=chunk_size)
+    assert got.shape == (B_ODD,) and got.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(got)))
+    scale = np.abs(expected).max()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), expected, rtol=tol["rtol"], atol=tol["atol"] * scale
+    )
+    assert len(np.unique(np.round(expected, 6))) == B_ODD

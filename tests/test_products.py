@@ -398,8 +398,8 @@ def test_remat_rejects_a_non_policy():
 @pytest.mark.parametrize("name", ["mlp", "quadratic", "attention"])
 def test_auto_compiles_to_the_hand_written_jvp_of_grad_program(name):
     """No overhead by construction: hvp(auto) is XLA's program for jvp(grad f), op for op."""
-    from hessfree._bench import same_program
-    from hessfree._workloads import attention_block, mlp_classifier, quadratic
+    from hessfree._cli.bench import same_program
+    from hessfree._cli.workloads import attention_block, mlp_classifier, quadratic
 
     small = {
         "mlp": lambda: mlp_classifier(sizes=(8, 16, 4), batch=8),

@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 import hessfree
 from helpers import flat
 from hessfree import eigsh, lanczos, spectral_density
-from hessfree._workloads import mlp_classifier
+from hessfree._cli.workloads import mlp_classifier
 
 KEY = jax.random.PRNGKey(0)
 

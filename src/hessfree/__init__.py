@@ -2,40 +2,43 @@
 
 Hessian-vector products on any pytree, Gauss-Newton and Fisher operators, Newton-CG solvers,
 spectra, traces and diagonals, never forming the d×d matrix. Public names only; the code lives
-in private modules.
+in private modules. Every public function compiles once per user function, settings and
+shapes: calling it again at new parameter values compiles nothing.
 """
 
-from ._cg import CGResult as CGResult
 from ._cg import cg as cg
 from ._cost import ModeCost as ModeCost
 from ._cost import cost as cost
 from ._cost import select_mode as select_mode
-from ._estimators import TraceEstimate as TraceEstimate
+from ._density import spectral_density as spectral_density
+from ._eigsh import eigsh as eigsh
 from ._estimators import diagonal as diagonal
 from ._estimators import trace as trace
-from ._minimize import STATUS_MESSAGES as STATUS_MESSAGES
+from ._krylov import lanczos as lanczos
 from ._minimize import Minimizer as Minimizer
 from ._minimize import MinimizeState as MinimizeState
-from ._minimize import OptimizeResult as OptimizeResult
 from ._minimize import minimize as minimize
+from ._model_curvature import fisher as fisher
+from ._model_curvature import ggn as ggn
 from ._operators import CurvatureOperator as CurvatureOperator
-from ._operators import fisher as fisher
-from ._operators import ggn as ggn
 from ._operators import hessian as hessian
 from ._per_example import per_example_grad_norms as per_example_grad_norms
 from ._per_example import per_example_vhv as per_example_vhv
 from ._products import hvp as hvp
 from ._products import hvp_fn as hvp_fn
 from ._products import hvps as hvps
+from ._results import STATUS_MESSAGES as STATUS_MESSAGES
+from ._results import CGResult as CGResult
+from ._results import DensityResult as DensityResult
+from ._results import DiagonalEstimate as DiagonalEstimate
+from ._results import EigshResult as EigshResult
+from ._results import LanczosResult as LanczosResult
+from ._results import OptimizeResult as OptimizeResult
+from ._results import TraceEstimate as TraceEstimate
 from ._seed import hvp_grad_of_grad as hvp_grad_of_grad
 from ._seed import hvp_jvp_of_grad as hvp_jvp_of_grad
-from ._spectral import EigshInfo as EigshInfo
-from ._spectral import LanczosResult as LanczosResult
-from ._spectral import eigsh as eigsh
-from ._spectral import lanczos as lanczos
-from ._spectral import spectral_density as spectral_density
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     # seed
@@ -53,18 +56,21 @@ __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     "fisher",
     "ggn",
     "hessian",
-    # solvers
+    # results and the shared status table
     "STATUS_MESSAGES",
     "CGResult",
+    "DensityResult",
+    "DiagonalEstimate",
+    "EigshResult",
+    "LanczosResult",
+    "OptimizeResult",
+    "TraceEstimate",
+    # solvers
     "MinimizeState",
     "Minimizer",
-    "OptimizeResult",
     "cg",
     "minimize",
     # analysis
-    "EigshInfo",
-    "LanczosResult",
-    "TraceEstimate",
     "diagonal",
     "eigsh",
     "lanczos",

@@ -59,8 +59,7 @@ def _cost_of(compiled: Any) -> ModeCost:
 def _programs(f: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Callable[..., Any]]:
     programs: dict[str, Callable[..., Any]] = {"grad": lambda x, v: jax.grad(f)(x, *args)}
     for mode in MODES:
-        product = product_for(mode)
-        programs[mode] = lambda x, v, product=product: product(f, x, v, args)
+        programs[mode] = lambda x, v, m=mode: product_for(m, f, x, args)(f, x, v, args)
     return programs
 
 

@@ -1,83 +1,128 @@
-"""What an algorithm accepts as a linear operator, turned into ``(matvec, structure)``.
+"""What an algorithm accepts as a linear operator, turned into a product on pytrees.
 
-Algorithms (cg, minimize's inner solves, eigsh, trace, diagonal) never differentiate: they call
-a matrix-vector product. They accept
+Algorithms (cg, eigsh, lanczos, spectral_density, trace, diagonal) never differentiate: they
+call a matrix-vector product. They accept
 
-- anything with a ``mv(v)`` method and an ``in_structure()`` method (a
-  :class:`~hessfree.CurvatureOperator`, or any object following that protocol);
-- a plain callable ``v -> A v`` on pytrees, together with an example pytree (`like`) that
-  fixes the structure of ``v``;
-- a dense 2-D array ``(n, n)`` acting on flat vectors ``(n,)``.
+- anything with ``mv(v)`` and ``in_structure()`` (a :class:`~hessfree.CurvatureOperator`);
+- a plain callable ``v -> A v`` on pytrees, with an example pytree ``like=`` fixing the
+  structure of ``v``. A :class:`jax.tree_util.Partial` (such as :func:`hessfree.hvp_fn`'s
+  result) is a pytree: its arrays are traced, so passing a new one each step compiles
+  nothing; a fresh Python closure each step is a new function, hence a new program;
+- a dense symmetric 2-D array ``(n, n)`` acting on flat vectors ``(n,)``.
 
-`structure` is a pytree of ``jax.ShapeDtypeStruct`` with the structure of ``v``.
+Algorithms are staged with the operator as an argument (its arrays traced, the rest static)
+and call :func:`tree_operator` while tracing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from ._validation import PyTree, check_floating
+from . import _tree as tree
+from ._validation import PyTree, check_floating, check_like
 
 MatVec = Callable[[PyTree], PyTree]
 
 
-def structure_of(tree: PyTree) -> PyTree:
-    """A pytree of ``jax.ShapeDtypeStruct`` with the shapes, dtypes and shardings of `tree`.
+class TreeOperator(NamedTuple):
+    """An operator on pytrees shaped like its input.
 
-    The sharding is kept where a leaf is laid out over a mesh (its type's ``NamedSharding``
-    names a mesh axis), so that algorithms can draw probes and start vectors in the
-    parameters' layout; otherwise it is left unset.
+    Attributes:
+        matvec: ``v -> A v`` on pytrees like `structure`, each output leaf in its input dtype.
+        structure: a pytree of ``jax.ShapeDtypeStruct`` (the input's shapes and dtypes).
+        size: n, the total number of entries.
+        dtype: the promoted dtype of the leaves (that of scalars such as inner products).
+        template: an example input pytree (arrays, possibly traced) whose layout and sharding
+            new vectors copy, or None.
     """
 
-    def leaf(x: Any) -> jax.ShapeDtypeStruct:
-        sharding = getattr(jax.typeof(x), "sharding", None) if isinstance(x, jax.Array) else None
-        if not (isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec)):
-            sharding = None
-        return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=sharding)
+    matvec: MatVec
+    structure: PyTree
+    size: int
+    dtype: np.dtype
+    template: PyTree | None = None
 
-    return jax.tree_util.tree_map(leaf, tree)
+    def zeros(self) -> PyTree:
+        """A zero vector like A's input, in the template's layout (and sharding) if any."""
+        if self.template is not None:
+            return jax.tree_util.tree_map(
+                lambda t, s: jnp.zeros_like(t, dtype=s.dtype), self.template, self.structure
+            )
+        return tree.zeros(self.structure)
+
+    def mm(self, xs: PyTree, chunk_size: int | None = None) -> PyTree:
+        """``A xᵢ`` for every vector of `xs` (leading axis N): ``vmap``, or ``lax.map`` in chunks."""
+        if chunk_size is None:
+            return jax.vmap(self.matvec)(xs)
+        return jax.lax.map(self.matvec, xs, batch_size=chunk_size)
 
 
-def as_matvec(A: Any, name: str = "A") -> MatVec:
-    """The ``v -> A v`` function of an operator, callable or dense matrix."""
-    mv = getattr(A, "mv", None)
-    if callable(mv):
-        return mv
-    if hasattr(A, "shape") and hasattr(A, "dtype") and not callable(A):
-        if np.ndim(A) != 2 or np.shape(A)[0] != np.shape(A)[1]:
-            msg = f"{name} as a dense matrix must be square 2-D; got shape {tuple(np.shape(A))}"
+def is_dense(A: Any) -> bool:
+    """Whether `A` is a dense matrix (an array), not an operator or a function."""
+    return isinstance(A, jax.Array | np.ndarray)
+
+
+def check_operator(A: Any, like: PyTree | None, name: str = "A") -> None:
+    """Raise at once if `A` (with `like`) cannot be an operator (static information only)."""
+    if callable(getattr(A, "mv", None)) and callable(getattr(A, "in_structure", None)):
+        if like is not None:
+            check_floating(like, "like")
+            check_like(A.in_structure(), like, f"{name}'s input", "like")
+        return
+    if is_dense(A):
+        shape = tuple(np.shape(A))
+        if len(shape) != 2 or shape[0] != shape[1]:
+            msg = f"{name} as a dense matrix must be square 2-D; got shape {shape}"
             raise ValueError(msg)
         check_floating(A, name)
-        return lambda v: A @ v
+        return
     if callable(A):
-        return A
+        if like is None:
+            msg = (
+                f"{name} is a plain callable, so its input structure is unknown: pass like=<a "
+                f"pytree shaped like the vectors {name} acts on> (e.g. the parameters)"
+            )
+            raise ValueError(msg)
+        check_floating(like, "like")
+        return
     msg = (
-        f"{name} must be a CurvatureOperator, a callable v -> A v, or a square 2-D array; "
-        f"got {type(A).__name__}"
+        f"{name} must be a CurvatureOperator, a callable v -> A v (with like=), or a square "
+        f"2-D array; got {type(A).__name__}"
     )
     raise TypeError(msg)
 
 
-def matvec_and_structure(
-    A: Any, like: PyTree | None = None, name: str = "A"
-) -> tuple[MatVec, PyTree]:
-    """``(matvec, structure)`` of `A`; `like` is required only for a plain callable."""
-    matvec = as_matvec(A, name)
-    in_structure = getattr(A, "in_structure", None)
+def tree_operator(A: Any, like: PyTree | None = None, name: str = "A") -> TreeOperator:
+    """`A` (operator, callable + `like`, or dense matrix) as a product on pytrees.
+
+    New vectors (start vectors, probes) copy the layout of `like` where given (possibly
+    traced arrays: under explicit mesh axes their types carry the sharding), else of the
+    operator's structure where it has shardings.
+    """
+    check_operator(A, like, name)
     if like is not None:
-        check_floating(like, "like")
-        return matvec, structure_of(like)
-    if callable(in_structure):
-        return matvec, in_structure()
-    if hasattr(A, "shape") and not callable(A):
-        return matvec, jax.ShapeDtypeStruct((np.shape(A)[0],), A.dtype)
-    msg = (
-        f"{name} is a plain callable, so its input structure is unknown: pass like=<a pytree "
-        f"shaped like the vectors {name} acts on> (e.g. the parameters)"
-    )
-    raise ValueError(msg)
+        matvec, structure = getattr(A, "mv", A), tree.structure_of(like)
+    elif callable(getattr(A, "in_structure", None)):
+        matvec, structure = A.mv, A.in_structure()
+    else:
+        matvec, structure = (lambda v: A @ v), jax.ShapeDtypeStruct((np.shape(A)[0],), A.dtype)
+    if is_dense(A):
+        matvec = lambda v: A @ v  # noqa: E731
+    dtype = tree.scalar_dtype(structure)
+
+    def tree_matvec(v: PyTree) -> PyTree:
+        out = matvec(v)
+        check_like(structure, out, f"{name}'s input", f"{name}(v)")
+        return tree.cast_like(out, structure)
+
+    template = like
+    if template is not None and not all(
+        isinstance(x, jax.Array | np.ndarray) for x in jax.tree_util.tree_leaves(template)
+    ):
+        template = None
+    return TreeOperator(tree_matvec, structure, tree.size(structure), dtype, template)

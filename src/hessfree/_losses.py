@@ -1,213 +1,245 @@
-"""Output-space curvature of the built-in losses, in closed form, and their likelihoods' samplers.
+"""The built-in losses and their likelihoods, as one table.
 
 A built-in loss is a mean over the leading (batch) axis of a per-example loss that sums over
 every other position of the example:
 
-- ``"softmax_cross_entropy"``: ``ℓ_b = Σ_t −⟨y_bt, log softmax(o_bt)⟩`` over the last (class)
-  axis; targets are integer labels (shape ``outputs.shape[:-1]``) or probabilities (shape of
-  the outputs). Likelihood ``"categorical"``.
-- ``"mse"``: ``ℓ_b = 0.5 ‖o_b − y_b‖²``, the Gaussian negative log-likelihood with unit variance
-  up to a constant. Likelihood ``"gaussian"``.
-- ``"sigmoid_cross_entropy"``: ``ℓ_b = Σ softplus(o_b) − y_b o_b``, targets in [0, 1]. Likelihood
-  ``"bernoulli"``.
+====================== ============ ================================================ ============
+loss                    likelihood   per-example ``ℓ_b``                              targets
+====================== ============ ================================================ ============
+softmax_cross_entropy   categorical  ``Σ_t −⟨y_bt, log softmax(o_bt)⟩`` (last axis C)  labels in
+                                                                                      [0, C) or
+                                                                                      probabilities
+mse                     gaussian     ``½‖o_b − y_b‖²`` (unit variance)                real
+sigmoid_cross_entropy   bernoulli    ``Σ softplus(o_b) − y_b o_b``                    in [0, 1]
+====================== ============ ================================================ ============
 
-For each, the Hessian with respect to the outputs is known in closed form (no autodiff of the
-loss): ``(diag p − p pᵀ)`` per class axis (times ``Σ y`` for unnormalized soft labels), the
-identity, and ``diag σ(o)(1 − σ(o))``, each divided by the batch size B. These are the cheap
-middle factor of the generalized Gauss-Newton ``Jᵀ H_L J``. A callable loss gets its output
-Hessian by autodiff instead (:func:`autodiff_output_hessian`).
+Each row gives: the value, the per-example output gradient ``r_b = ∂ℓ_b/∂o_b``, the product
+with the output Hessian of the batch-mean loss in closed form (``(diag p − p pᵀ)`` per class
+axis, the identity, ``diag σ(1 − σ)``, each over B), a sampler of the likelihood and the
+static and value checks of targets. A callable loss gets its output Hessian by autodiff.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
 from ._validation import PyTree, check_choice, describe_tree
 
-LOSSES = ("softmax_cross_entropy", "mse", "sigmoid_cross_entropy")
-LIKELIHOODS = {
-    "categorical": "softmax_cross_entropy",
-    "gaussian": "mse",
-    "bernoulli": "sigmoid_cross_entropy",
-}
+Array = jax.Array
 
 
-def check_outputs_for(loss: str, outputs: Any) -> None:
-    """Raise unless `loss` is a built-in name whose outputs fit `outputs` (logits need a class axis)."""
-    check_choice(loss, LOSSES, "loss")
-    out_shape = tuple(np.shape(outputs))
-    if loss == "softmax_cross_entropy" and len(out_shape) < 2:
-        msg = f"loss {loss!r} needs outputs (logits) of shape (B, ..., C); got shape {out_shape}"
-        raise ValueError(msg)
-
-
-def check_targets(loss: str, outputs: Any, targets: Any, name: str = "targets") -> None:
-    """Raise unless `targets` fit the outputs of built-in `loss` (shapes and dtypes, statically)."""
-    check_outputs_for(loss, outputs)
-    if targets is None:
-        msg = f"{name} must be given for loss {loss!r}; got None"
-        raise ValueError(msg)
-    out_shape = tuple(np.shape(outputs))
-    t_shape = tuple(np.shape(targets))
-    t_dtype = jnp.result_type(targets)
-    if loss == "softmax_cross_entropy":
-        if jnp.issubdtype(t_dtype, jnp.integer):
-            expected = out_shape[:-1]
-            what = "integer labels"
-        elif jnp.issubdtype(t_dtype, jnp.floating):
-            expected = out_shape
-            what = "probabilities"
-        else:
-            msg = f"{name} for loss {loss!r} must be integer labels or float probabilities; got dtype {t_dtype}"
-            raise TypeError(msg)
-        if t_shape != expected:
-            msg = (
-                f"{name} as {what} must have shape {expected} for outputs of shape {out_shape} "
-                f"(loss {loss!r}); got shape {t_shape}"
-            )
-            raise ValueError(msg)
-        return
-    if not (jnp.issubdtype(t_dtype, jnp.floating) or jnp.issubdtype(t_dtype, jnp.integer)):
-        msg = f"{name} for loss {loss!r} must be real numbers; got dtype {t_dtype}"
-        raise TypeError(msg)
-    if t_shape != out_shape:
-        msg = f"{name} must have the shape of the outputs {out_shape} for loss {loss!r}; got shape {t_shape}"
-        raise ValueError(msg)
-
-
-def _sum_nonbatch(x: jax.Array, keepdims: bool = False) -> jax.Array:
+def _sum_nonbatch(x: Array, keepdims: bool = False) -> Array:
     return jnp.sum(x, axis=tuple(range(1, x.ndim)), keepdims=keepdims)
 
 
-def _as_probabilities(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+# --- softmax cross-entropy / categorical -------------------------------------------------------
+
+
+def _probabilities(outputs: Array, targets: Array) -> Array:
     if targets.ndim == outputs.ndim - 1:
         return jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
     return jnp.asarray(targets, outputs.dtype)
 
 
-def loss_value(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """The built-in `loss` ``(1/B) Σ_b ℓ(o_b, y_b)``; used for references and benchmarks."""
-    batch = outputs.shape[0]
-    if loss == "softmax_cross_entropy":
-        y = _as_probabilities(outputs, targets)
-        return -jnp.sum(y * jax.nn.log_softmax(outputs, axis=-1)) / batch
-    y = jnp.asarray(targets, outputs.dtype)
-    if loss == "mse":
-        return 0.5 * jnp.sum((outputs - y) ** 2) / batch
-    return jnp.sum(jax.nn.softplus(outputs) - y * outputs) / batch
+def _softmax_value(outputs: Array, targets: Array) -> Array:
+    y = _probabilities(outputs, targets)
+    return -jnp.sum(y * jax.nn.log_softmax(outputs, axis=-1)) / outputs.shape[0]
 
 
-def output_grad(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-example gradients ``r_b = ∂ℓ_b/∂o_b`` (shape of `outputs`, not divided by B).
-
-    ``s p − y`` (with ``s = Σ_c y_c``), ``o − y`` and ``σ(o) − y`` for the three losses.
-    """
-    if loss == "softmax_cross_entropy":
-        y = _as_probabilities(outputs, targets)
-        p = jax.nn.softmax(outputs, axis=-1)
-        return jnp.sum(y, axis=-1, keepdims=True) * p - y
-    y = jnp.asarray(targets, outputs.dtype)
-    if loss == "mse":
-        return outputs - y
-    return jax.nn.sigmoid(outputs) - y
+def _softmax_grad(outputs: Array, targets: Array) -> Array:
+    y = _probabilities(outputs, targets)
+    return jnp.sum(y, axis=-1, keepdims=True) * jax.nn.softmax(outputs, axis=-1) - y
 
 
-def output_hessian_mv(
-    loss: str, outputs: jax.Array, targets: jax.Array | None, u: jax.Array
-) -> jax.Array:
-    """``H_L u``, the Hessian of the batch-mean built-in `loss` w.r.t. the outputs, times `u`.
-
-    Closed form, O(size of the outputs): softmax ``s (p ⊙ u − p ⟨p, u⟩) / B`` per class axis,
-    mse ``u / B``, sigmoid ``σ(o)(1 − σ(o)) u / B``. With ``targets=None`` the targets are
-    taken as normalized (s = 1), which is the Fisher of the matching likelihood.
-    """
-    batch = outputs.shape[0]
+def _softmax_hessian_mv(outputs: Array, targets: Array | None, u: Array) -> Array:
+    p = jax.nn.softmax(outputs, axis=-1)
     u = jnp.asarray(u, outputs.dtype)
-    if loss == "softmax_cross_entropy":
-        p = jax.nn.softmax(outputs, axis=-1)
-        hu = p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)
-        if targets is not None:
-            hu = jnp.sum(_as_probabilities(outputs, targets), axis=-1, keepdims=True) * hu
-        return hu / batch
-    if loss == "mse":
-        return u / batch
+    hu = p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)
+    if targets is not None:  # unnormalized soft labels scale the Hessian by Σ y
+        hu = jnp.sum(_probabilities(outputs, targets), axis=-1, keepdims=True) * hu
+    return hu / outputs.shape[0]
+
+
+def _categorical_sample(key: Array, outputs: Array, num_samples: int) -> Array:
+    return jax.random.categorical(key, outputs, axis=-1, shape=(num_samples, *outputs.shape[:-1]))
+
+
+def _softmax_targets_ok(outputs: Array, targets: Array) -> Array:
+    if targets.ndim == outputs.ndim - 1:
+        return jnp.all((targets >= 0) & (targets < outputs.shape[-1]))
+    total = jnp.sum(targets, axis=-1)
+    return jnp.all(targets >= 0) & jnp.all(jnp.abs(total - 1) <= 1e-3)
+
+
+# --- mse / gaussian --------------------------------------------------------------------------------
+
+
+def _mse_value(outputs: Array, targets: Array) -> Array:
+    return 0.5 * jnp.sum((outputs - jnp.asarray(targets, outputs.dtype)) ** 2) / outputs.shape[0]
+
+
+def _mse_grad(outputs: Array, targets: Array) -> Array:
+    return outputs - jnp.asarray(targets, outputs.dtype)
+
+
+def _mse_hessian_mv(outputs: Array, targets: Array | None, u: Array) -> Array:
+    del targets
+    return jnp.asarray(u, outputs.dtype) / outputs.shape[0]
+
+
+def _gaussian_sample(key: Array, outputs: Array, num_samples: int) -> Array:
+    return outputs + jax.random.normal(key, (num_samples, *outputs.shape), outputs.dtype)
+
+
+def _finite_targets(outputs: Array, targets: Array) -> Array:
+    del outputs
+    return jnp.all(jnp.isfinite(targets))
+
+
+# --- sigmoid cross-entropy / bernoulli ----------------------------------------------------------
+
+
+def _sigmoid_value(outputs: Array, targets: Array) -> Array:
+    y = jnp.asarray(targets, outputs.dtype)
+    return jnp.sum(jax.nn.softplus(outputs) - y * outputs) / outputs.shape[0]
+
+
+def _sigmoid_grad(outputs: Array, targets: Array) -> Array:
+    return jax.nn.sigmoid(outputs) - jnp.asarray(targets, outputs.dtype)
+
+
+def _sigmoid_hessian_mv(outputs: Array, targets: Array | None, u: Array) -> Array:
+    del targets
     s = jax.nn.sigmoid(outputs)
-    return s * (1 - s) * u / batch
+    return s * (1 - s) * jnp.asarray(u, outputs.dtype) / outputs.shape[0]
 
 
-def closed_form_output_hessian(loss: str, outputs: jax.Array, targets: jax.Array | None) -> Partial:
-    """``u -> H_L u`` for a built-in loss as a pytree-function (its arrays are children)."""
-    return Partial(_NamedHessian(loss), outputs, targets)
-
-
-class _NamedHessian:
-    # A hashable, comparable function object, so equal losses share jit caches.
-    def __init__(self, loss: str) -> None:
-        self.loss = loss
-
-    def __call__(self, outputs: jax.Array, targets: jax.Array | None, u: jax.Array) -> jax.Array:
-        return output_hessian_mv(self.loss, outputs, targets, u)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _NamedHessian) and other.loss == self.loss
-
-    def __hash__(self) -> int:
-        return hash((_NamedHessian, self.loss))
-
-
-def autodiff_output_hessian(
-    loss: Callable[..., Any], outputs: jax.Array, targets: PyTree
-) -> Callable[[jax.Array], jax.Array]:
-    """``u -> ∇²_o loss(o, targets) u`` by ``jax.linearize`` of the output gradient (linearized once)."""
-    return jax.linearize(lambda o: jax.grad(loss)(o, targets), outputs)[1]
-
-
-def sample_targets(
-    likelihood: str, outputs: jax.Array, key: jax.Array, num_samples: int
-) -> jax.Array:
-    """``num_samples`` draws per example from the model's predictive; shape ``(S, *labels)``.
-
-    categorical: labels ``~ softmax(o)`` over the last axis; gaussian: ``o + ε``, ``ε ~ N(0, I)``;
-    bernoulli: ``y ~ Bernoulli(σ(o))`` (as floats in the outputs' dtype).
-    """
-    outputs = jax.lax.stop_gradient(outputs)
-    if likelihood == "categorical":
-        return jax.random.categorical(
-            key, outputs, axis=-1, shape=(num_samples, *outputs.shape[:-1])
-        )
+def _bernoulli_sample(key: Array, outputs: Array, num_samples: int) -> Array:
     shape = (num_samples, *outputs.shape)
-    if likelihood == "gaussian":
-        return outputs + jax.random.normal(key, shape, outputs.dtype)
     return jax.random.bernoulli(key, jax.nn.sigmoid(outputs), shape).astype(outputs.dtype)
 
 
-def sampled_output_grads(
-    likelihood: str, outputs: jax.Array, key: jax.Array, num_samples: int
-) -> jax.Array:
-    """Per-example output gradients of the NLL at sampled labels, shape ``(S, *outputs.shape)``.
+def _unit_interval_targets(outputs: Array, targets: Array) -> Array:
+    del outputs
+    return jnp.all((targets >= 0) & (targets <= 1))
 
-    Their outer products average to the output Fisher: ``E[r rᵀ] = H_L · B`` per example.
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """One row of the table: a built-in loss and its likelihood."""
+
+    name: str
+    likelihood: str
+    value: Callable[[Array, Array], Array]
+    output_grad: Callable[[Array, Array], Array]
+    hessian_mv: Callable[[Array, Array | None, Array], Array]
+    sample: Callable[[Array, Array, int], Array]
+    targets_ok: Callable[[Array, Array], Array]
+    targets_doc: str
+
+
+LOSSES: dict[str, Loss] = {
+    loss.name: loss
+    for loss in (
+        Loss(
+            "softmax_cross_entropy",
+            "categorical",
+            _softmax_value,
+            _softmax_grad,
+            _softmax_hessian_mv,
+            _categorical_sample,
+            _softmax_targets_ok,
+            "integer labels in [0, C) or probabilities (nonnegative, summing to 1 over the last axis)",
+        ),
+        Loss(
+            "mse",
+            "gaussian",
+            _mse_value,
+            _mse_grad,
+            _mse_hessian_mv,
+            _gaussian_sample,
+            _finite_targets,
+            "finite real numbers",
+        ),
+        Loss(
+            "sigmoid_cross_entropy",
+            "bernoulli",
+            _sigmoid_value,
+            _sigmoid_grad,
+            _sigmoid_hessian_mv,
+            _bernoulli_sample,
+            _unit_interval_targets,
+            "numbers in [0, 1]",
+        ),
+    )
+}
+LIKELIHOODS: dict[str, Loss] = {loss.likelihood: loss for loss in LOSSES.values()}
+
+
+def get_loss(name: Any) -> Loss:
+    """The row of a built-in loss name (ValueError naming the choices otherwise)."""
+    return LOSSES[check_choice(name, tuple(LOSSES), "loss")]
+
+
+def get_likelihood(name: Any) -> Loss:
+    """The row of a likelihood name (ValueError naming the choices otherwise)."""
+    return LIKELIHOODS[check_choice(name, tuple(LIKELIHOODS), "likelihood")]
+
+
+# --- checks -----------------------------------------------------------------------------------------
+
+
+def check_outputs_for(loss: Loss, outputs: Any) -> None:
+    """Raise unless the outputs fit `loss` (logits need a class axis)."""
+    out_shape = tuple(np.shape(outputs))
+    if loss.name == "softmax_cross_entropy" and len(out_shape) < 2:
+        msg = f"loss {loss.name!r} needs outputs (logits) of shape (B, ..., C); got shape {out_shape}"
+        raise ValueError(msg)
+
+
+def check_targets(loss: Loss, outputs: Any, targets: Any, name: str = "targets") -> None:
+    """Raise unless `targets` fit the outputs of `loss`: shapes and dtypes, and values if concrete.
+
+    Values are checked when `targets` are concrete arrays (not traced); inside ``jit`` an
+    operator built from out-of-range targets returns NaN products instead (see
+    :func:`targets_ok`), so solvers report a non-finite status.
     """
-    loss = LIKELIHOODS[likelihood]
-    samples = sample_targets(likelihood, outputs, key, num_samples)
-    return jax.vmap(lambda y: output_grad(loss, outputs, y))(samples)
-
-
-def outer_product_mv(grads: jax.Array, u: jax.Array) -> jax.Array:
-    """``(1/(B S)) Σ_{s,b} r_sb ⟨r_sb, u_b⟩`` for output gradients `grads` of shape ``(S, B, …)``.
-
-    The output-space middle factor of the MC and empirical Fisher; O(S × size of the outputs).
-    """
-    num_samples, batch = grads.shape[0], grads.shape[1]
-    u = jnp.asarray(u, grads.dtype)
-    coeff = jax.vmap(lambda r: _sum_nonbatch(r * u, keepdims=True))(grads)
-    return jnp.sum(grads * coeff, axis=0) / (batch * num_samples)
+    check_outputs_for(loss, outputs)
+    if targets is None:
+        msg = f"{name} must be given for loss {loss.name!r}; got None"
+        raise ValueError(msg)
+    if not hasattr(targets, "shape") or not hasattr(targets, "dtype"):
+        msg = f"{name} must be an array; got {describe_tree(targets)}"
+        raise TypeError(msg)
+    out_shape, t_shape = tuple(np.shape(outputs)), tuple(np.shape(targets))
+    t_dtype = jnp.result_type(targets)
+    integer, floating = jnp.issubdtype(t_dtype, jnp.integer), jnp.issubdtype(t_dtype, jnp.floating)
+    if not (integer or floating):
+        msg = f"{name} for loss {loss.name!r} must be {loss.targets_doc}; got dtype {t_dtype}"
+        raise TypeError(msg)
+    expected = out_shape[:-1] if loss.name == "softmax_cross_entropy" and integer else out_shape
+    if t_shape != expected:
+        what = "integer labels" if expected != out_shape else "targets"
+        msg = (
+            f"{name} as {what} must have shape {expected} for outputs of shape {out_shape} "
+            f"(loss {loss.name!r}); got shape {t_shape}"
+        )
+        raise ValueError(msg)
+    if isinstance(targets, np.ndarray | jax.Array) and not isinstance(targets, jax.core.Tracer):
+        with jax.ensure_compile_time_eval():  # concrete: check now, even inside a user's trace
+            ok = bool(loss.targets_ok(jnp.zeros(out_shape, jnp.float32), jnp.asarray(targets)))
+        if not ok:
+            msg = f"{name} for loss {loss.name!r} must be {loss.targets_doc}; got values out of range"
+            raise ValueError(msg)
 
 
 def check_model_outputs(outputs: Any, inputs: PyTree) -> None:
@@ -229,3 +261,43 @@ def check_model_outputs(outputs: Any, inputs: PyTree) -> None:
             f"example? Batch it, e.g. with jax.vmap(model, in_axes=(None, 0))."
         )
         raise ValueError(msg)
+
+
+# --- output-space middle factors ------------------------------------------------------------------
+
+
+def guarded(ok: Array, out: Array) -> Array:
+    """`out`, or NaN everywhere when `ok` is False (invalid targets seen inside jit)."""
+    return jnp.where(ok, out, jnp.nan)
+
+
+def sampled_output_grads(loss: Loss, outputs: Array, key: Array, num_samples: int) -> Array:
+    """Output gradients of the NLL at labels sampled from the predictive: ``(S, *outputs.shape)``.
+
+    Their outer products average to the output Fisher: ``E[r rᵀ] = B · H_L`` per example.
+    """
+    outputs = jax.lax.stop_gradient(outputs)
+    samples = loss.sample(key, outputs, num_samples)
+    return jax.vmap(lambda y: loss.output_grad(outputs, y))(samples)
+
+
+def outer_product_mv(grads: Array, u: Array) -> Array:
+    """``(1/(B S)) Σ_{s,b} r_sb ⟨r_sb, u_b⟩`` for output gradients of shape ``(S, B, …)``.
+
+    The output-space middle factor of the MC and empirical Fisher; O(S × size of outputs).
+    """
+    num_samples, batch = grads.shape[0], grads.shape[1]
+    u = jnp.asarray(u, grads.dtype)
+    coeff = jax.vmap(lambda r: _sum_nonbatch(r * u, keepdims=True))(grads)
+    return jnp.sum(grads * coeff, axis=0) / (batch * num_samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutodiffOutputHessian:
+    """``(outputs, targets, u) -> ∇²_o loss(o, targets) u`` for a callable loss (jvp of grad)."""
+
+    loss: Callable[..., Any]
+
+    def __call__(self, outputs: Array, targets: PyTree, u: Array) -> Array:
+        grad = jax.grad(self.loss)
+        return jax.jvp(lambda o: grad(o, targets), (outputs,), (jnp.asarray(u, outputs.dtype),))[1]

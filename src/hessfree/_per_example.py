@@ -1,6 +1,6 @@
 """Per-example quantities over a batch: gradient norms and curvature along a direction.
 
-``loss(params, example)`` is one example's loss; every leaf of ``batch`` carries a leading
+``example_loss(params, example)`` is one example's loss; every leaf of ``batch`` carries a leading
 axis B. Examples are processed together (``vmap``) or `chunk_size` at a time (``lax.map``), so
 at most ``chunk_size × P`` per-example intermediates exist at once (P = number of parameters).
 """
@@ -13,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._products import cast_like, is_forward_mode_failure, product_for, tree_vdot
+from . import _tree as tree
+from ._products import has_custom_vjp, product_for
+from ._staging import staged
 from ._validation import (
     PyTree,
     check_floating,
@@ -38,14 +40,15 @@ def _batch_size(batch: PyTree) -> int:
     return int(shapes[0][0])
 
 
-def _check(loss: Any, params: PyTree, batch: PyTree, chunk_size: Any) -> None:
+def _check(example_loss: Any, params: PyTree, batch: PyTree) -> PyTree:
+    """The static checks; returns one example's structure."""
     check_floating(params, "params")
     _batch_size(batch)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     example = jax.tree_util.tree_map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), batch
+        lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf)[1:], jnp.result_type(leaf)), batch
     )
-    check_scalar_fn(loss, params, (example,), "loss")
+    check_scalar_fn(example_loss, params, (example,), "example_loss")
+    return example
 
 
 def _over_batch(
@@ -56,8 +59,19 @@ def _over_batch(
     return jax.lax.map(one, batch, batch_size=chunk_size)
 
 
+def _grad_norms_impl(
+    example_loss: Loss, params: PyTree, batch: PyTree, *, chunk_size: int | None
+) -> jax.Array:
+    _check(example_loss, params, batch)
+
+    def one(example: PyTree) -> jax.Array:
+        return tree.norm(jax.grad(example_loss)(params, example))
+
+    return _over_batch(one, batch, chunk_size)
+
+
 def per_example_grad_norms(
-    loss: Loss, params: PyTree, batch: PyTree, *, chunk_size: int | None = None
+    example_loss: Loss, params: PyTree, batch: PyTree, *, chunk_size: int | None = None
 ) -> jax.Array:
     """Euclidean norms of the per-example gradients, ``‖∇_θ loss(θ, x_b)‖`` for b = 1..B.
 
@@ -68,7 +82,7 @@ def per_example_grad_norms(
     Cost: B gradient evaluations (one batched reverse pass per chunk).
 
     Args:
-        loss: ``loss(params, example) -> scalar`` for one example.
+        example_loss: ``example_loss(params, example) -> scalar`` for one example.
         params: the parameters, any pytree of floating arrays.
         batch: a pytree whose every leaf has the leading axis B.
         chunk_size: at most this many examples at once; None runs all B together.
@@ -77,16 +91,11 @@ def per_example_grad_norms(
         A ``(B,)`` array in the parameters' dtype.
 
     Raises:
-        ValueError: batch leaves disagree on B; `loss` is not scalar; bad `chunk_size`.
+        ValueError: batch leaves disagree on B; `example_loss` is not scalar; bad `chunk_size`.
         TypeError: non-floating parameters.
     """
-    _check(loss, params, batch, chunk_size)
-
-    def one(example: PyTree) -> jax.Array:
-        g = jax.grad(loss)(params, example)
-        return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(g)))
-
-    return _over_batch(one, batch, chunk_size)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    return staged(_grad_norms_impl, example_loss, params, batch, chunk_size=chunk_size)
 
 
 def _second_directional(loss: Loss, params: PyTree, v: PyTree, example: PyTree) -> jax.Array:
@@ -98,19 +107,40 @@ def _second_directional(loss: Loss, params: PyTree, v: PyTree, example: PyTree) 
     return jax.jvp(along, (params,), (v,))[1]
 
 
+def _vhv_impl(
+    example_loss: Loss, params: PyTree, batch: PyTree, v: PyTree, *, chunk_size: int | None
+) -> jax.Array:
+    example = _check(example_loss, params, batch)
+    check_like(params, v, "params", "v")
+    check_floating(v, "v")
+    v = tree.cast_like(v, params)
+    if not has_custom_vjp(example_loss, params, (example,)):
+
+        def by_forward(ex: PyTree) -> jax.Array:
+            return _second_directional(example_loss, params, v, ex)
+
+        return _over_batch(by_forward, batch, chunk_size)
+    product = product_for("auto", example_loss, params, (example,))
+
+    def by_hvp(ex: PyTree) -> jax.Array:
+        return tree.vdot(v, product(example_loss, params, v, (ex,)))
+
+    return _over_batch(by_hvp, batch, chunk_size)
+
+
 def per_example_vhv(
-    loss: Loss, params: PyTree, batch: PyTree, v: PyTree, *, chunk_size: int | None = None
+    example_loss: Loss, params: PyTree, batch: PyTree, v: PyTree, *, chunk_size: int | None = None
 ) -> jax.Array:
     """Per-example curvature along v: ``vᵀ ∇²_θ loss(θ, x_b) v`` for b = 1..B.
 
     Computed as the second directional derivative ``d²/dt² loss(θ + t v, x_b)`` (forward over
     forward: two tangent passes, no reverse pass), falling back to a Hessian-vector product
-    ``⟨v, H_b v⟩`` when forward mode cannot go through a ``jax.custom_vjp`` in `loss`.
+    ``⟨v, H_b v⟩`` when forward mode cannot go through a ``jax.custom_vjp`` in `example_loss` (decided from its program).
 
     Cost: B batched products, each about two forward passes of one example.
 
     Args:
-        loss: ``loss(params, example) -> scalar`` for one example.
+        example_loss: ``example_loss(params, example) -> scalar`` for one example.
         params: the parameters.
         batch: a pytree whose every leaf has the leading axis B.
         v: the direction, a pytree like `params`.
@@ -123,19 +153,5 @@ def per_example_vhv(
         ValueError: `v` does not match `params`; batch leaves disagree on B; bad `chunk_size`.
         TypeError: non-floating parameters.
     """
-    _check(loss, params, batch, chunk_size)
-    check_like(params, v, "params", "v")
-    v = cast_like(v, params)
-
-    def by_forward(example: PyTree) -> jax.Array:
-        return _second_directional(loss, params, v, example)
-
-    def by_hvp(example: PyTree) -> jax.Array:
-        return tree_vdot(v, product_for("auto")(loss, params, v, (example,)))
-
-    try:
-        return _over_batch(by_forward, batch, chunk_size)
-    except (TypeError, NotImplementedError) as err:
-        if not is_forward_mode_failure(err):
-            raise
-    return _over_batch(by_hvp, batch, chunk_size)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    return staged(_vhv_impl, example_loss, params, batch, v, chunk_size=chunk_size)

@@ -8,27 +8,32 @@ Three ways to differentiate twice, all giving ``H v`` with ``H = ∇²f(x)``:
   graph again; more memory, works on every function reverse mode works on.
 - ``"rev_fwd"``: ``grad(⟨∇f, v⟩)`` through ``jvp f``, reverse over forward.
 - ``"auto"``: ``"fwd_rev"``, and ``"rev_rev"`` where forward mode cannot go through a
-  ``jax.custom_vjp`` at all. The user sees the same value either way.
+  ``jax.custom_vjp`` in f. The user sees the same value either way.
 
-Outside ``jit``, ``jvp(grad f)`` fails on a ``custom_vjp`` whose forward rule calls the primal
-function (jax issue 16049); ``"fwd_rev"`` then stages the same product through
-``jax.linearize``, which prunes that branch, so it works where plain JAX does not.
+Whether forward mode goes through is decided from the traced program, once per compile: a
+function whose program holds no ``custom_vjp`` call always takes ``jvp(grad f)``. One that
+holds one gets ``jvp(grad f)`` if that traces to a program free of ``custom_lin`` (the
+primitive forward mode cannot evaluate, jax issue 16049), else the same product staged
+through ``jax.linearize`` (which prunes the primal branch of the rule) if that is free of it,
+else no forward mode. JAX's error texts are never read.
 
-Tangents are cast to the dtype of the matching leaf of `x` (they live in its tangent space);
-results have the structure and dtypes of `x`.
+Every public function here is staged (:mod:`hessfree._staging`): compiled once per function,
+settings and input shapes, argument checks run while tracing. Tangents are cast to the dtype
+of the matching leaf of `x` (they live in its tangent space); results have the structure and
+dtypes of `x`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.core
-import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.tree_util import Partial
 
+from . import _tree as tree
+from ._staging import Linear, capture, staged
 from ._validation import (
     PyTree,
     check_choice,
@@ -39,231 +44,239 @@ from ._validation import (
 )
 
 MODES = ("fwd_rev", "rev_rev", "rev_fwd")
+VALID_MODES = ("auto", *MODES)
 _FORWARD_REFUSED = (
     "mode {mode!r} needs forward-mode autodiff, which cannot go through a jax.custom_vjp in f "
     "(jax issue 16049); use mode='auto' (falls back by itself) or mode='rev_rev'"
 )
-VALID_MODES = ("auto", *MODES)
+
+Fn = Callable[..., Any]
+Product = Callable[[Fn, PyTree, PyTree, tuple[Any, ...]], PyTree]
 
 
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum over leaves of the inner products ``⟨a, b⟩`` (real arrays).
-
-    Written as ``sum(a * b)`` rather than ``vdot``: a contraction over sharded axes has no
-    unambiguous output sharding under explicit mesh axes, an elementwise product and a sum
-    do (the sum becomes an all-reduce).
-    """
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    total = jnp.zeros((), jnp.result_type(*leaves_a))
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        total = total + jnp.sum(x * y)
-    return total
+# --- the three products ---------------------------------------------------------------------
 
 
-def cast_like(v: PyTree, x: PyTree) -> PyTree:
-    """Cast each leaf of `v` to the dtype of the matching leaf of `x` (a no-op where it has it)."""
-
-    def one(vl: Any, xl: Any) -> Any:
-        dtype = jnp.result_type(xl)
-        return vl if getattr(vl, "dtype", None) == dtype else jnp.asarray(vl, dtype=dtype)
-
-    return jax.tree_util.tree_map(one, v, x)
-
-
-def _is_sharded(x: PyTree) -> bool:
-    """Whether any leaf of `x` is a concrete array laid out over more than one device."""
-    return any(
-        isinstance(getattr(leaf, "sharding", None), NamedSharding)
-        and len(leaf.sharding.device_set) > 1
-        for leaf in jax.tree_util.tree_leaves(x)
-        if not isinstance(leaf, jax.core.Tracer)
-    )
-
-
-def keep_sharding(out: PyTree, x: PyTree, *, batched: bool = False) -> PyTree:
-    """Give each concrete output leaf the sharding of the matching concrete leaf of `x`.
-
-    XLA's sharding propagation may pick another layout for a result than its input had
-    (e.g. a weight sharded by columns coming back sharded by rows); outside ``jit`` this puts
-    results back where the inputs live. Traced leaves are left to the caller's ``jit``: under
-    explicit mesh axes their types already carry the input's sharding, and under automatic
-    axes the caller's ``out_shardings`` decide. With ``batched=True`` outputs carry one
-    leading (unsharded) batch axis.
-    """
-
-    def one(o: Any, xl: Any) -> Any:
-        sharding = getattr(xl, "sharding", None)
-        if (
-            isinstance(o, jax.core.Tracer)
-            or isinstance(xl, jax.core.Tracer)
-            or not isinstance(sharding, NamedSharding)
-            or len(sharding.device_set) == 1
-        ):
-            return o
-        if batched:
-            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
-        return jax.device_put(o, sharding)
-
-    return jax.tree_util.tree_map(one, out, x)
-
-
-def match_sharding(tree: PyTree, like: PyTree) -> PyTree:
-    """Give each leaf of `tree` the sharding type of the matching leaf of `like`.
-
-    Under explicit mesh axes a sharding is part of an array's type, and a freshly drawn array
-    (a random probe, a start vector) is unsharded: a linearized function refuses it as a
-    tangent of sharded parameters, and mixing it with them is ambiguous. This reshards it to
-    the parameters' layout. Under automatic axes (or without a mesh) it does nothing and
-    XLA's propagation decides.
-    """
-
-    def one(leaf: Any, like_leaf: Any) -> Any:
-        sharding = getattr(jax.typeof(like_leaf), "sharding", None)
-        if not isinstance(sharding, NamedSharding):
-            return leaf
-        explicit = any(t == AxisType.Explicit for t in getattr(sharding.mesh, "axis_types", ()))
-        if not explicit or all(axis is None for axis in sharding.spec):
-            return leaf
-        return jax.sharding.reshard(leaf, sharding.spec)
-
-    return jax.tree_util.tree_map(one, tree, like)
-
-
-def _grad_at(f: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[PyTree], PyTree]:
+def _grad_at(f: Fn, args: tuple[Any, ...]) -> Callable[[PyTree], PyTree]:
     return lambda y: jax.grad(f)(y, *args)
 
 
-def _fwd_rev_eager(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+def _jvp_of_grad(f: Fn, x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
     return jax.jvp(_grad_at(f, args), (x,), (v,))[1]
 
 
-def _fwd_rev_staged(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+def _linearized_grad(f: Fn, x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
     return jax.linearize(_grad_at(f, args), x)[1](v)
 
 
-def _contains_primitive(jaxpr: Any, name: str) -> bool:
+def _rev_rev(f: Fn, x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    return jax.grad(lambda y: tree.vdot(_grad_at(f, args)(y), v))(x)
+
+
+def _rev_fwd(f: Fn, x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
+    return jax.grad(lambda y: jax.jvp(lambda z: f(z, *args), (y,), (v,))[1])(x)
+
+
+# --- forward mode through custom_vjp, decided from the program ---------------------------------
+
+
+def contains_primitive(jaxpr: Any, test: Callable[[str], bool]) -> bool:
+    """Whether `jaxpr` (or any sub-jaxpr of its equations) has a primitive whose name passes."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == name:
+        if test(eqn.primitive.name):
             return True
         for param in eqn.params.values():
             for sub in param if isinstance(param, list | tuple) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _contains_primitive(inner, name):
+                if hasattr(inner, "eqns") and contains_primitive(inner, test):
                     return True
     return False
 
 
-def _fwd_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
-    # A custom_vjp inside f leaves a `custom_lin` in the traced product that forward mode
-    # cannot evaluate (jax issue 16049); under jit that error would only surface at lowering,
-    # out of reach. So the product is first traced abstractly and inspected (a trace-time
-    # cost only), then run. jvp of the gradient leaves the primal branch of the custom_vjp in
-    # place; linearize stages the gradient out first, which prunes it where the loss does not
-    # need it. Both are the same forward-over-reverse product; where neither is free of
-    # `custom_lin`, forward mode is refused here, at once.
-    for product in (_fwd_rev_eager, _fwd_rev_staged):
+def has_custom_vjp(f: Fn, x: PyTree, args: tuple[Any, ...]) -> bool:
+    """Whether the program of ``f(x, *args)`` calls a ``jax.custom_vjp`` function."""
+    closed = jax.make_jaxpr(lambda x_, a_: f(x_, *a_))(x, args)
+    return contains_primitive(closed.jaxpr, lambda name: "custom_vjp" in name)
+
+
+def forward_product(f: Fn, x: PyTree, args: tuple[Any, ...]) -> Product | None:
+    """The forward-over-reverse product that works for this f, or None (see module doc)."""
+    if not has_custom_vjp(f, x, args):
+        return _jvp_of_grad
+    for product in (_jvp_of_grad, _linearized_grad):
         try:
-            closed = jax.make_jaxpr(lambda x_, v_, p=product: p(f, x_, v_, args))(x, v)
-        except (TypeError, NotImplementedError) as err:
-            if not is_forward_mode_failure(err):
-                raise
+            closed = jax.make_jaxpr(lambda x_, a_, p=product: p(f, x_, x_, a_))(x, args)
+        except Exception:
             continue
-        if not _contains_primitive(closed.jaxpr, "custom_lin"):
-            return product(f, x, v, args)
-    raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev"))
+        if not contains_primitive(closed.jaxpr, lambda name: name == "custom_lin"):
+            return product
+    return None
 
 
-def _rev_rev(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
-    return jax.grad(lambda y: tree_vdot(_grad_at(f, args)(y), v))(x)
+def product_for(mode: str, f: Fn, x: PyTree, args: tuple[Any, ...]) -> Product:
+    """The ``(f, x, v, args) -> Hv`` implementation of `mode` for this f (call while tracing)."""
+    if mode == "rev_rev":
+        return _rev_rev
+    if mode == "rev_fwd":
+        if has_custom_vjp(f, x, args):
+            raise TypeError(_FORWARD_REFUSED.format(mode=mode))
+        return _rev_fwd
+    forward = forward_product(f, x, args)
+    if forward is not None:
+        return forward
+    if mode == "fwd_rev":
+        raise TypeError(_FORWARD_REFUSED.format(mode=mode))
+    return _rev_rev
 
 
-def _rev_fwd(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
-    return jax.grad(lambda y: jax.jvp(lambda z: f(z, *args), (y,), (v,))[1])(x)
+def linearize_gradient(
+    f: Fn, x: PyTree, args: tuple[Any, ...], mode: str = "auto"
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """``(∇f(x), v -> H v)`` with the gradient pass run once and its residuals kept.
+
+    For ``"fwd_rev"``/``"auto"`` this is ``jax.linearize`` of the gradient (each product one
+    tangent pass); where forward mode cannot go through f (and for ``"rev_rev"``) it is
+    ``jax.vjp`` of the gradient (H is symmetric, so the VJP of ∇f is H v: one reverse pass
+    over the gradient graph per product). ``"rev_fwd"`` keeps nothing and recomputes. Call
+    while tracing; no argument checks.
+    """
+    grad_at = _grad_at(f, args)
+    if mode in ("fwd_rev", "auto"):
+        if forward_product(f, x, args) is not None:
+            return jax.linearize(grad_at, x)
+        if mode == "fwd_rev":
+            raise TypeError(_FORWARD_REFUSED.format(mode=mode))
+    if mode in ("rev_rev", "auto"):
+        g, pullback = jax.vjp(grad_at, x)
+        return g, lambda v: pullback(v)[0]
+    product = product_for(mode, f, x, args)
+    return grad_at(x), lambda v: product(f, x, v, args)
 
 
-_PRODUCTS = {"fwd_rev": _fwd_rev, "rev_rev": _rev_rev, "rev_fwd": _rev_fwd}
-
-
-def is_forward_mode_failure(err: Exception) -> bool:
-    """Whether `err` is JAX refusing forward mode through a ``custom_vjp``."""
-    text = str(err)
-    return isinstance(err, TypeError | NotImplementedError) and (
-        "custom_vjp" in text or "custom_lin" in text or "forward-mode" in text
-    )
-
-
-def _auto(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
-    try:
-        return _fwd_rev(f, x, v, args)
-    except (TypeError, NotImplementedError) as err:
-        if not is_forward_mode_failure(err):
-            raise
-    return _rev_rev(f, x, v, args)
-
-
-def _explained(
-    mode: str,
-) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
-    product = _PRODUCTS[mode]
-
-    def run(f: Callable[..., Any], x: PyTree, v: PyTree, args: tuple[Any, ...]) -> PyTree:
-        try:
-            return product(f, x, v, args)
-        except (TypeError, NotImplementedError) as err:
-            if not is_forward_mode_failure(err):
-                raise
-            raise TypeError(_FORWARD_REFUSED.format(mode=mode)) from err
-
-    return run
-
-
-def product_for(
-    mode: str,
-) -> Callable[[Callable[..., Any], PyTree, PyTree, tuple[Any, ...]], PyTree]:
-    """The unchecked ``(f, x, v, args) -> Hv`` implementation of `mode`."""
-    return _auto if mode == "auto" else _explained(mode)
-
+# --- remat -------------------------------------------------------------------------------------
 
 Remat = bool | Callable[..., Any] | None
 
 
-def with_remat(f: Callable[..., Any], remat: Remat) -> Callable[..., Any]:
+@dataclasses.dataclass(frozen=True)
+class _Checkpointed:
+    """`f` under ``jax.checkpoint`` (policy None saves nothing); hashable, compared by value."""
+
+    f: Fn
+    policy: Callable[..., Any] | None
+
+    def __call__(self, *args: Any) -> Any:
+        return jax.checkpoint(self.f, policy=self.policy)(*args)
+
+
+def with_remat(f: Fn, remat: Remat) -> Fn:
     """`f` under ``jax.checkpoint`` when asked: True saves nothing, a callable is the policy."""
     if remat is None or remat is False:
         return f
     if remat is True:
-        return jax.checkpoint(f)
+        return _Checkpointed(f, None)
     if callable(remat):
-        return jax.checkpoint(f, policy=remat)
+        return _Checkpointed(f, remat)
     msg = f"remat must be False, True or a jax.checkpoint_policies policy; got {remat!r}"
     raise TypeError(msg)
 
 
-def check_hvp_args(f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode: str) -> None:
-    """The checks every product runs before tracing anything."""
+# --- staged implementations ----------------------------------------------------------------------
+
+
+def check_hvp_args(f: Fn, x: PyTree, args: tuple[Any, ...], mode: str) -> None:
+    """The checks every product runs (static information only, so they run while tracing)."""
     check_choice(mode, VALID_MODES, "mode")
     check_floating(x, "x")
     check_scalar_fn(f, x, args)
 
 
-def hvp(
-    f: Callable[..., Any],
-    x: PyTree,
-    v: PyTree,
-    *args: Any,
-    mode: str = "auto",
-    remat: Remat = False,
+def _hvp_impl(f: Fn, x: PyTree, v: PyTree, args: tuple[Any, ...], *, mode: str) -> PyTree:
+    check_hvp_args(f, x, args, mode)
+    check_like(x, v, "x", "v")
+    check_floating(v, "v")
+    return product_for(mode, f, x, args)(f, x, tree.cast_like(v, x), args)
+
+
+def _hvps_impl(
+    f: Fn, x: PyTree, vs: PyTree, args: tuple[Any, ...], *, mode: str, chunk_size: int | None
 ) -> PyTree:
+    check_hvp_args(f, x, args, mode)
+    check_like(x, vs, "x", "vs", batched=True)
+    check_floating(vs, "vs")
+    product = product_for(mode, f, x, args)
+    vs = tree.cast_like(vs, x)
+
+    def one(v: PyTree) -> PyTree:
+        return product(f, x, v, args)
+
+    return jax.vmap(one)(vs) if chunk_size is None else jax.lax.map(one, vs, batch_size=chunk_size)
+
+
+def _linearize_impl(
+    f: Fn, x: PyTree, args: tuple[Any, ...], *, mode: str
+) -> tuple[PyTree, Linear]:
+    check_hvp_args(f, x, args, mode)
+    g, linear = linearize_gradient(f, x, args, mode)
+    return g, capture(linear, x, ("hessian", f, mode), (x, args))
+
+
+def cached_gradient_linearization(
+    f: Fn, x: PyTree, args: tuple[Any, ...], mode: str = "auto", remat: Remat = False
+) -> tuple[PyTree, Linear]:
+    """``(∇f(x), L)`` with ``L v = H v`` a :class:`Linear` (residuals as leaves), compiled once."""
+    check_choice(mode, VALID_MODES, "mode")
+    return staged(_linearize_impl, with_remat(f, remat), x, args, mode=mode)
+
+
+def _apply_linear(linear: Linear, v: PyTree) -> PyTree:
+    return linear(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedHvp:
+    """``(L, v) -> L v`` with the checks of `v` against x's structure (static, hashable)."""
+
+    treedef: Any
+    leaves: tuple[jax.ShapeDtypeStruct, ...]
+
+    def __call__(self, linear: Linear, v: PyTree) -> PyTree:
+        structure = jax.tree_util.tree_unflatten(self.treedef, self.leaves)
+        check_like(structure, v, "x", "v")
+        check_floating(v, "v")
+        return staged(_apply_linear, linear, tree.cast_like(v, structure))
+
+
+@dataclasses.dataclass(frozen=True)
+class _UncachedHvp:
+    """``v -> H v`` recomputing the gradient pass each time; hashable (f by identity)."""
+
+    f: Fn
+    mode: str
+
+    def __call__(self, x: PyTree, args: tuple[Any, ...], v: PyTree) -> PyTree:
+        return staged(_hvp_impl, self.f, x, v, args, mode=self.mode)
+
+
+# --- public ---------------------------------------------------------------------------------------
+
+
+def hvp(f: Fn, x: PyTree, v: PyTree, *args: Any, mode: str = "auto", remat: Remat = False) -> PyTree:
     """Hessian-vector product ``∇²f(x) v`` of a scalar function of a pytree.
 
     ``H v = d/dt ∇f(x + t v)|ₜ₌₀``, never forming H. Cost: about one gradient evaluation plus
     one forward (tangent) pass for ``"fwd_rev"``; see the module docstring for the others.
+    Compiled once per `f`, `mode` and shapes: calling it again at new values of `x`, `v` or
+    `args` compiles nothing.
 
     Args:
-        f: scalar function ``f(x, *args)``; may contain ``jax.custom_vjp`` functions.
+        f: scalar function ``f(x, *args)``; may contain ``jax.custom_vjp`` functions. Pass
+            data through `args`, not a fresh closure per call (a new function is a new
+            program).
         x: the point, any pytree of floating arrays.
         v: the direction, a pytree with the structure and leaf shapes of `x`.
-        *args: further arguments of `f`, held fixed (not differentiated).
+        *args: further arguments of `f`, held fixed (not differentiated); traced like
+            ``jax.jit``'s arguments (arrays and numbers), other leaves static.
         mode: ``"auto"`` (default), ``"fwd_rev"``, ``"rev_rev"`` or ``"rev_fwd"``.
         remat: run `f` under ``jax.checkpoint`` (True), or with a
             ``jax.checkpoint_policies`` policy; see :func:`hvp_fn` for when this pays.
@@ -274,25 +287,27 @@ def hvp(
     Raises:
         ValueError: `v` differs from `x` in structure or a leaf's shape; `f` is not scalar;
             `mode` is unknown.
-        TypeError: `x` has non-floating leaves.
+        TypeError: `x` or `v` has non-floating leaves (complex included).
 
     Example:
         >>> import jax.numpy as jnp
+        >>> import hessfree as hf
         >>> f = lambda p: jnp.sum(p["w"] ** 3) + p["b"] ** 2
-        >>> hvp(f, {"w": jnp.array([1.0, 2.0]), "b": 1.0}, {"w": jnp.ones(2), "b": 1.0})
-        {'b': Array(2., dtype=float32, weak_type=True), 'w': Array([ 6., 12.], dtype=float32)}
+        >>> Hv = hf.hvp(f, {"w": jnp.array([1.0, 2.0]), "b": jnp.array(1.0)},
+        ...             {"w": jnp.ones(2), "b": jnp.array(1.0)})
+        >>> Hv["w"].tolist(), Hv["b"].tolist()  # 6 w v_w and 2 v_b
+        ([6.0, 12.0], 2.0)
 
     References:
         Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
     """
-    check_hvp_args(f, x, args, mode)
-    check_like(x, v, "x", "v")
-    f = with_remat(f, remat)
-    return keep_sharding(product_for(mode)(f, x, cast_like(v, x), args), x)
+    check_choice(mode, VALID_MODES, "mode")
+    out = staged(_hvp_impl, with_remat(f, remat), x, v, args, mode=mode)
+    return tree.keep_sharding(out, x)
 
 
 def hvps(
-    f: Callable[..., Any],
+    f: Fn,
     x: PyTree,
     vs: PyTree,
     *args: Any,
@@ -305,7 +320,7 @@ def hvps(
     Vectorized with ``vmap``: the primal and gradient passes do not depend on the tangent, so
     they run once and only the tangent pass is batched. With `chunk_size`, the tangents are
     processed ``chunk_size`` at a time (``lax.map``), bounding memory by one chunk; the values
-    are the same.
+    are the same. Cost: k tangent passes plus one gradient pass.
 
     Args:
         f: scalar function ``f(x, *args)``.
@@ -319,62 +334,14 @@ def hvps(
     Returns:
         A pytree like `vs`: leaf ``[i]`` of the result belongs to ``H vs[i]``.
     """
-    check_hvp_args(f, x, args, mode)
-    check_like(x, vs, "x", "vs", batched=True)
+    check_choice(mode, VALID_MODES, "mode")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    f = with_remat(f, remat)
-    product = product_for(mode)
-    vs = cast_like(vs, x)
-
-    def one(v: PyTree) -> PyTree:
-        return product(f, x, v, args)
-
-    out = jax.vmap(one)(vs) if chunk_size is None else jax.lax.map(one, vs, batch_size=chunk_size)
-    return keep_sharding(out, x, batched=True)
-
-
-def linearize_gradient(
-    f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], mode: str = "auto"
-) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
-    """``(∇f(x), v -> H v)`` with the gradient pass run once and its residuals kept.
-
-    For ``"fwd_rev"``/``"auto"`` this is ``jax.linearize`` of the gradient: each product then
-    costs one tangent pass. For ``"rev_rev"`` it is ``jax.vjp`` of the gradient (H is
-    symmetric, so the VJP of ∇f is H v): each product costs one reverse pass over the gradient
-    graph. ``"rev_fwd"`` has no tangent-free part to keep, so its products recompute. The
-    linear function is a ``jax.tree_util.Partial`` (a pytree), so it can cross ``jit``
-    boundaries. No argument checks: this is the engine under :func:`hvp_fn` and the solvers.
-    """
-    grad_at = _grad_at(f, args)
-    if mode in ("fwd_rev", "auto"):
-        try:
-            g, linear = jax.linearize(grad_at, x)
-            if not _contains_primitive(jax.make_jaxpr(linear)(x).jaxpr, "custom_lin"):
-                return g, linear
-            raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev"))
-        except (TypeError, NotImplementedError) as err:
-            if not is_forward_mode_failure(err):
-                raise
-            if mode == "fwd_rev":
-                raise TypeError(_FORWARD_REFUSED.format(mode="fwd_rev")) from err
-    if mode in ("rev_rev", "auto"):
-        g, pullback = jax.vjp(grad_at, x)
-        return g, Partial(_first_of_pullback, pullback)
-    rev_fwd = product_for("rev_fwd")
-    return grad_at(x), Partial(lambda x_, args_, v: rev_fwd(f, x_, v, args_), x, args)
-
-
-def _first_of_pullback(pullback: Callable[[PyTree], tuple[PyTree]], v: PyTree) -> PyTree:
-    return pullback(v)[0]
-
-
-@jax.jit
-def _apply(linear_fn: Callable[[PyTree], PyTree], v: PyTree) -> PyTree:
-    return linear_fn(v)
+    out = staged(_hvps_impl, with_remat(f, remat), x, vs, args, mode=mode, chunk_size=chunk_size)
+    return tree.keep_sharding(out, x, batched=True)
 
 
 def hvp_fn(
-    f: Callable[..., Any],
+    f: Fn,
     x: PyTree,
     *args: Any,
     mode: str = "auto",
@@ -383,12 +350,16 @@ def hvp_fn(
 ) -> Callable[[PyTree], PyTree]:
     """A function ``v -> ∇²f(x) v`` for repeated products at one point.
 
-    With ``cache=True`` the primal and gradient passes run once, here, and their intermediate
-    values (the linearization's residuals) are held in memory for as long as the returned
-    function lives: typically a few times the activations of one gradient evaluation, the
-    same as a single backward pass keeps. Each product then costs only the tangent pass
-    (about one forward pass, roughly 2/3 of an uncached product). With ``cache=False`` nothing
-    is held and every call pays the full product (:func:`hvp`).
+    With ``cache=True`` the primal and gradient passes run once, here (compiled once per `f`
+    and shapes; building costs about one gradient), and their intermediate values (the
+    linearization's residuals) are held for as long as the returned function lives:
+    typically a few times the activations of one gradient evaluation. Each product then
+    costs only the tangent pass (about one forward pass). With ``cache=False`` nothing is
+    held and every call pays the full product (:func:`hvp`).
+
+    The returned function is a ``jax.tree_util.Partial`` (a pytree whose leaves are the
+    residuals, or `x` and `args`), so it can be passed into ``jit`` or to :func:`hessfree.cg`
+    as ``A`` at every step of a loop without recompiling.
 
     Args:
         f: scalar function ``f(x, *args)``.
@@ -400,29 +371,17 @@ def hvp_fn(
         remat: trade time for the memory the cache holds: with ``remat=True`` (``f`` under
             ``jax.checkpoint``) the linearization keeps only `f`'s inputs and each product
             recomputes the forward pass; a ``jax.checkpoint_policies`` policy keeps what it
-            names (e.g. ``dots_saveable``: matmul outputs). Measured on a 12-block residual
-            MLP (6.3M parameters, batch 512, CPU): the cache holds 400 MiB, 25 MiB with
-            True and 220 MiB with ``dots_saveable``, and the products took 0.92x and 0.79x
-            the time of the plain cached one (memory-bound: re-reading 400 MiB costs about
-            what recomputing the forward pass does); ``benchmarks/bench_memory.py``.
+            names (e.g. ``dots_saveable``). Measured on a 12-block residual MLP (6.3M
+            parameters): the cache holds 400 MiB, 25 MiB with True and 220 MiB with
+            ``dots_saveable`` (``benchmarks/bench_memory.py``).
 
     Returns:
         A function of one pytree `v` like `x`, returning ``H v`` like `x`.
     """
-    check_hvp_args(f, x, args, mode)
+    check_choice(mode, VALID_MODES, "mode")
+    f = with_remat(f, remat)
     if not cache:
-
-        def hv_uncached(v: PyTree) -> PyTree:
-            return hvp(f, x, v, *args, mode=mode, remat=remat)
-
-        return hv_uncached
-
-    _, linear = linearize_gradient(with_remat(f, remat), x, args, mode)
-    sharded = _is_sharded(x)
-
-    def hv(v: PyTree) -> PyTree:
-        check_like(x, v, "x", "v")
-        out = _apply(linear, cast_like(v, x))
-        return keep_sharding(out, x) if sharded else out
-
-    return hv
+        return Partial(_UncachedHvp(f, mode), x, args)
+    _, linear = cached_gradient_linearization(f, x, args, mode)
+    leaves, treedef = jax.tree_util.tree_flatten(tree.structure_of(x))
+    return Partial(_CachedHvp(treedef, tuple(leaves)), linear)

@@ -33,11 +33,24 @@ def describe_tree(tree: PyTree) -> str:
     return f"{type(tree).__name__}"
 
 
-def _leaf_dtype(leaf: Any) -> np.dtype:
+_NUMBER = (int, float, np.integer, np.floating)
+_MAX_INT = int(np.iinfo(np.int32).max)
+
+
+def _leaf_dtype(leaf: Any, name: str, where: str) -> np.dtype:
     dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-        dtype = jnp.asarray(leaf).dtype
-    return np.dtype(dtype)
+    if dtype is not None and hasattr(leaf, "shape"):
+        return np.dtype(dtype)
+    if isinstance(leaf, _NUMBER | complex) and not isinstance(leaf, bool):
+        return np.dtype(jnp.asarray(leaf).dtype)
+    msg = (
+        f"{name} must be a pytree of arrays; leaf {where} is a {type(leaf).__name__}, not an "
+        f"array. A model object with functions or settings inside must be split into its "
+        f"parameters first: params, static = eqx.partition(model, eqx.is_inexact_array) "
+        f"(Equinox) or graphdef, params = nnx.split(model) (Flax nnx), then differentiate "
+        f"with respect to params and rebuild the model inside f."
+    )
+    raise TypeError(msg)
 
 
 def check_floating(tree: PyTree, name: str) -> None:
@@ -51,9 +64,9 @@ def check_floating(tree: PyTree, name: str) -> None:
         msg = f"{name} must contain at least one array; got {describe_tree(tree)}"
         raise ValueError(msg)
     for path, leaf in leaves:
-        dtype = _leaf_dtype(leaf)
+        where = jax.tree_util.keystr(path) or "(the array itself)"
+        dtype = _leaf_dtype(leaf, name, where)
         if not jnp.issubdtype(dtype, jnp.floating):
-            where = jax.tree_util.keystr(path) or "(the array itself)"
             msg = (
                 f"{name} must have floating-point leaves (float32 or float64); "
                 f"leaf {where} has dtype {dtype}. Convert it, e.g. with .astype(jnp.float32)."
@@ -112,9 +125,7 @@ def check_scalar_fn(
     f: Callable[..., Any], x: PyTree, args: Sequence[Any], f_name: str = "f"
 ) -> None:
     """Raise if `f` is not callable or `f(x, *args)` is not a real scalar (checked abstractly)."""
-    if not callable(f):
-        msg = f"{f_name} must be callable as {f_name}(x, *args); got {type(f).__name__}"
-        raise TypeError(msg)
+    check_callable(f, f_name, f"{f_name}(x, *args)")
     out = jax.eval_shape(f, x, *args)
     leaves = jax.tree_util.tree_leaves(out)
     if len(leaves) != 1 or leaves[0].shape != ():
@@ -141,7 +152,59 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> No
     """Raise unless `value` is a positive Python int (or None when allowed)."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
         expected = "a positive integer or None" if allow_none else "a positive integer"
-        msg = f"{name} must be {expected}; got {value!r}"
+        msg = f"{name} must be {expected}; got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    if not 1 <= value <= _MAX_INT:
+        msg = f"{name} must be an integer in [1, 2**31 - 1]; got {value!r}"
         raise ValueError(msg)
+
+
+def check_number(
+    value: Any, name: str, *, minimum: float = 0.0, strict: bool = False, traced_ok: bool = False
+) -> None:
+    """Raise unless `value` is a finite real number ``>= minimum`` (``>`` with `strict`).
+
+    With `traced_ok`, a scalar jax array (possibly traced) is accepted as it is: its value is
+    checked inside jit by the algorithm (and shows in its status).
+    """
+    if isinstance(value, jax.Array | np.ndarray) and not isinstance(value, np.generic):
+        real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        if traced_ok and np.shape(value) == () and real:
+            if isinstance(value, jax.core.Tracer):
+                return
+            value = float(value)
+        else:
+            msg = f"{name} must be a real number; got an array of shape {np.shape(value)}"
+            raise TypeError(msg)
+    if isinstance(value, bool) or not isinstance(value, _NUMBER):
+        msg = f"{name} must be a real number; got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    if not np.isfinite(value) or value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        msg = f"{name} must be a finite number {relation} {minimum}; got {value!r}"
+        raise ValueError(msg)
+
+
+def check_key(key: Any, fn: str, what: str = "its random draws") -> None:
+    """Raise unless `key` is a jax.random key (typed, or a legacy uint32 ``(2,)`` key)."""
+    if key is None:
+        msg = f"{fn} needs key= (a jax.random key, e.g. jax.random.key(0)) for {what}; got None"
+        raise ValueError(msg)
+    dtype = getattr(key, "dtype", None)
+    if dtype is None or not (
+        jnp.issubdtype(dtype, jax.dtypes.prng_key)
+        or (dtype == jnp.uint32 and np.shape(key) == (2,))
+    ):
+        msg = (
+            f"{fn}: key must be a jax.random key (jax.random.key(0) or jax.random.PRNGKey(0)); "
+            f"got {type(key).__name__} with dtype {dtype} and shape {np.shape(key)}"
+        )
+        raise TypeError(msg)
+
+
+def check_callable(value: Any, name: str, signature: str) -> None:
+    if not callable(value):
+        msg = f"{name} must be callable as {signature}; got {type(value).__name__}"
+        raise TypeError(msg)

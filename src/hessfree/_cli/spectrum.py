@@ -13,10 +13,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._estimators import trace
-from ._operators import hessian
-from ._spectral import eigsh, spectral_density
-from ._workloads import mlp_classifier
+from .._density import spectral_density
+from .._eigsh import eigsh
+from .._estimators import trace
+from .._operators import hessian
+from .workloads import mlp_classifier
 
 
 def _stage(progress: bool, label: str, run: Callable[[], Any]) -> tuple[Any, float]:
@@ -71,28 +72,27 @@ def run_spectrum(
     key_eig, key_trace, key_density = jax.random.split(jax.random.PRNGKey(seed), 3)
     if progress:
         print(f"Hessian of {workload.description}", file=sys.stderr, flush=True)
-    (values, _, info), t_eig = _stage(
+    eig, t_eig = _stage(
         progress,
         f"[1/3] top-{k} eigenvalues (Lanczos)",
-        lambda: eigsh(op, k, key=key_eig, return_info=True),
+        lambda: eigsh(op, k, key=key_eig),
     )
     estimate, t_trace = _stage(
         progress,
         f"[2/3] trace (Hutch++, {trace_probes} HVPs)",
-        lambda: trace(op, key_trace, num_probes=trace_probes, method="hutch++"),
+        lambda: trace(op, key=key_trace, num_probes=trace_probes, method="hutch++"),
     )
-    (grid, density), t_density = _stage(
+    dens, t_density = _stage(
         progress,
         f"[3/3] spectral density ({num_probes} probes × {num_steps} Lanczos steps)",
-        lambda: spectral_density(op, key_density, num_probes=num_probes, num_steps=num_steps),
+        lambda: spectral_density(op, key=key_density, num_probes=num_probes, num_steps=num_steps),
     )
-    values = np.asarray(values)
-    grid, density = np.asarray(grid), np.asarray(density)
-    total = int(info.num_matvecs) + trace_probes + num_probes * num_steps
+    values = np.asarray(eig.eigenvalues)
+    eig_hvps, converged = int(eig.num_matvecs), bool(eig.success)
+    grid, density = np.asarray(dens.grid), np.asarray(dens.density)
+    total = eig_hvps + int(estimate.num_matvecs) + int(dens.num_matvecs)
     print(f"Hessian of {workload.description} (n = {n:,})")
-    print(
-        f"  top-{k} eigenvalues ({int(info.num_matvecs)} HVPs, converged: {bool(info.converged)}):"
-    )
+    print(f"  top-{k} eigenvalues ({eig_hvps} HVPs, converged: {converged}):")
     for i, lam in enumerate(values[::-1], start=1):
         print(f"    λ{i:<3d} {lam: .6e}")
     value, stderr = float(estimate.value), float(estimate.stderr)
@@ -103,7 +103,7 @@ def run_spectrum(
     print(f"  total           {total} HVPs in {t_eig + t_trace + t_density:.1f} s")
     figure = None
     if out is not None:
-        from .plot import plot_spectrum
+        from ..plot import plot_spectrum
 
         title = f"Hessian spectrum, {workload.description}"
         plot_spectrum(grid, density, values, path=out, log=True, title=title)
@@ -113,8 +113,8 @@ def run_spectrum(
         "model": workload.description,
         "num_params": n,
         "eigenvalues": values.tolist(),
-        "eigsh_hvps": int(info.num_matvecs),
-        "converged": bool(info.converged),
+        "eigsh_hvps": eig_hvps,
+        "converged": converged,
         "trace": value,
         "trace_stderr": stderr,
         "total_hvps": total,

@@ -11,11 +11,11 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from ._bench import format_table, median_time, product_table
-from ._cost import ModeCost, cost
-from ._products import hvp
-from ._seed import hvp_grad_of_grad, hvp_jvp_of_grad
-from ._workloads import WORKLOADS, Workload, mlp_classifier, quadratic
+from .._cost import ModeCost, cost
+from .._products import hvp
+from .._seed import hvp_grad_of_grad, hvp_jvp_of_grad
+from .bench import format_table, median_time, product_table
+from .workloads import WORKLOADS, Workload, mlp_classifier, quadratic
 
 
 def _say(text: str = "") -> None:
@@ -135,7 +135,7 @@ def bench(args: argparse.Namespace) -> int:
 def spectrum(args: argparse.Namespace) -> int:
     """Top eigenvalues, trace and spectral density of a small MLP's Hessian, with a figure."""
     try:
-        from ._spectrum_cli import run_spectrum
+        from .spectrum import run_spectrum
     except ImportError as err:  # pragma: no cover - only before the analysis module lands
         _say(f"spectrum is not available: {err}")
         return 1

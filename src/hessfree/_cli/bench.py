@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._products import hvp, hvp_fn
-from ._workloads import Workload
+from .._products import hvp, hvp_fn
+from .workloads import Workload
 
 
 def median_time(fn: Callable[..., Any], *inputs: Any, repeats: int = 7) -> float:

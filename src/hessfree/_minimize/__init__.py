@@ -1,0 +1,5 @@
+"""Newton-CG minimization: one loop (``_solver``), two strategies (``_trust``, ``_newton``)."""
+
+from ._proposal import MinimizeState as MinimizeState
+from ._solver import Minimizer as Minimizer
+from ._solver import minimize as minimize

@@ -1,0 +1,134 @@
+"""Compile once per user function and shape, never per call.
+
+Every public function runs its work through :func:`staged`: its arguments are flattened, the
+array leaves (parameters, data, operators' residuals) become the traced inputs of one
+``jax.jit``, and everything else (the user's functions, names, counts) is its static part,
+compared by value (functions by identity). So calling a public function again with the same
+user functions and the same shapes, dtypes and shardings at new values compiles nothing; the
+jit cache grows with the number of distinct functions and shapes, never with the number of
+calls. Under a user's own ``jit`` the same call is traced into their program.
+
+A cached linearization (of a gradient, or of a model) is kept as :class:`Linear`: its
+residuals are pytree leaves, and the linear map itself is found through a static key in a
+registry that holds one entry per (function, settings, input shapes), written when the build
+is traced. No jaxpr object or closure is ever a jit cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, float, int, complex, bool)
+
+
+def _dynamic(leaf: Any) -> bool:
+    return isinstance(leaf, _ARRAY_TYPES)
+
+
+class _Static:
+    """A hashable wrapper compared by value: the static part of a staged call."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
+
+
+_HOLE = object()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _trampoline(fn: Callable[..., Any], static: _Static, options: _Static, dynamic: list) -> Any:
+    treedef, leaves = static.value
+    it = iter(dynamic)
+    args = jax.tree_util.tree_unflatten(treedef, [next(it) if s is _HOLE else s for s in leaves])
+    return fn(*args, **dict(options.value))
+
+
+def staged(fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """``fn(*args, **options)`` under ``jax.jit``: array leaves of `args` traced, the rest static.
+
+    `options` are static settings (hashable). If some static part cannot be hashed (an
+    unhashable object inside a user function's pytree), the call runs without staging.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    dynamic = [leaf for leaf in leaves if _dynamic(leaf)]
+    statics = tuple(_HOLE if _dynamic(leaf) else leaf for leaf in leaves)
+    try:
+        static = _Static((treedef, statics))
+        opts = _Static(tuple(sorted(options.items())))
+    except TypeError:
+        return fn(*args, **options)
+    return _trampoline(fn, static, opts, dynamic)
+
+
+def cache_size() -> int:
+    """Entries in the staging jit cache (for tests: it must not grow with calls)."""
+    return _trampoline._cache_size()
+
+
+# --- cached linear maps ----------------------------------------------------------------------
+
+_LINEAR: dict[Hashable, Callable[..., Any]] = {}
+
+
+def _aval_key(tree: PyTree) -> Hashable:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(jax.typeof(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """A linear map ``v -> L v`` kept as its residuals (pytree leaves) and a static key.
+
+    Built by :func:`capture` while tracing; ``L`` is looked up in a registry that holds one
+    entry per key (function, settings, shapes), so applying it never recompiles.
+    """
+
+    key: Hashable
+    residuals: tuple[Any, ...]
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Hashable]:
+        return self.residuals, self.key
+
+    @classmethod
+    def tree_unflatten(cls, key: Hashable, residuals: tuple[Any, ...]) -> Linear:
+        return cls(key, tuple(residuals))
+
+    def __call__(self, v: PyTree) -> PyTree:
+        return _LINEAR[self.key](v, *self.residuals)
+
+    def transpose(self, w: PyTree, primal: PyTree) -> PyTree:
+        """``Lᵀ w``; `primal` is a structure like the input of L."""
+        return jax.linear_transpose(self, primal)(w)[0]
+
+
+def capture(
+    linear_fn: Callable[[PyTree], PyTree], example: PyTree, tag: Hashable, inputs: PyTree
+) -> Linear:
+    """Turn a linear function (closing over traced residuals) into a :class:`Linear`.
+
+    `example` is an input of the linear map (its shapes); `tag` names the build (function,
+    settings) and `inputs` are the build's inputs: with their types (and static leaves) they
+    make the registry key. Call this while tracing the build (inside :func:`staged`).
+    """
+    converted, residuals = jax.closure_convert(linear_fn, example)
+    key = (tag, _aval_key(inputs), tuple(jax.typeof(r) for r in residuals))
+    _LINEAR[key] = converted
+    return Linear(key, tuple(residuals))

@@ -1,0 +1,253 @@
+"""Tree math, random pytrees, bases of vectors and sharding helpers: one copy of each.
+
+Every vector in hessfree is a pytree shaped like the parameters; nothing is raveled. A basis
+of m vectors is a pytree whose every leaf has a leading axis m. Inner products are written as
+``sum(a * b)`` per leaf rather than ``vdot``: a contraction over sharded axes has no
+unambiguous output sharding under explicit mesh axes, an elementwise product and a sum do
+(the sum becomes an all-reduce).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+PyTree = Any
+
+# --- arithmetic ----------------------------------------------------------------------------
+
+
+def vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """``⟨a, b⟩``: the sum over leaves of ``sum(a * b)`` (real arrays)."""
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    total = jnp.zeros((), jnp.result_type(*leaves_a))
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        total = total + jnp.sum(x * y).astype(total.dtype)
+    return total
+
+
+def norm(x: PyTree) -> jax.Array:
+    """``‖x‖₂`` over all leaves."""
+    return jnp.sqrt(vdot(x, x))
+
+
+def axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
+    """``a x + y`` leaf by leaf, keeping the dtype of each leaf of `y`."""
+    return jax.tree_util.tree_map(lambda xl, yl: yl + jnp.asarray(a, yl.dtype) * xl, x, y)
+
+
+def scale(a: Any, x: PyTree) -> PyTree:
+    """``a x`` leaf by leaf, keeping dtypes."""
+    return jax.tree_util.tree_map(lambda xl: jnp.asarray(a, xl.dtype) * xl, x)
+
+
+def sub(x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.subtract, x, y)
+
+
+def neg(x: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.negative, x)
+
+
+def zeros_like(x: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.zeros_like, x)
+
+
+def where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+    """``a`` where the scalar `cond` holds, else ``b`` (structures must match)."""
+    return jax.tree_util.tree_map(lambda al, bl: jnp.where(cond, al, bl), a, b)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every entry of every leaf is finite (a scalar bool)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def size(x: PyTree) -> int:
+    """The total number of entries (static)."""
+    return sum(int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in jax.tree_util.tree_leaves(x))
+
+
+def scalar_dtype(x: PyTree) -> np.dtype:
+    """The promoted dtype of the leaves: that of inner products and norms."""
+    return np.dtype(jnp.result_type(*jax.tree_util.tree_leaves(x)))
+
+
+def cast_like(v: PyTree, x: PyTree) -> PyTree:
+    """Cast each leaf of `v` to the dtype of the matching leaf of `x` (a no-op where it has it)."""
+
+    def one(vl: Any, xl: Any) -> Any:
+        dtype = jnp.result_type(xl)
+        return vl if getattr(vl, "dtype", None) == dtype else jnp.asarray(vl, dtype=dtype)
+
+    return jax.tree_util.tree_map(one, v, x)
+
+
+# --- bases: pytrees whose leaves carry a leading axis m -------------------------------------
+
+
+def row(V: PyTree, j: Any) -> PyTree:
+    return jax.tree_util.tree_map(lambda Vl: Vl[j], V)
+
+
+def set_row(V: PyTree, j: Any, x: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda Vl, xl: Vl.at[j].set(xl.astype(Vl.dtype)), V, x)
+
+
+def empty_basis(zero: PyTree, m: int) -> PyTree:
+    """m zero vectors like `zero` (leaves ``(m, *shape)``, same layout)."""
+    return jax.tree_util.tree_map(lambda z: jnp.broadcast_to(z[None], (m, *z.shape)), zero)
+
+
+def project(V: PyTree, w: PyTree) -> jax.Array:
+    """``(m,)`` inner products ``⟨V[i], w⟩`` of every basis vector with `w`.
+
+    Leaves sharded under explicit mesh axes use an elementwise product and a sum (an
+    all-reduce); others use ``tensordot``, which XLA:CPU runs about 3x faster.
+    """
+    total = None
+    for Vl, wl in zip(jax.tree_util.tree_leaves(V), jax.tree_util.tree_leaves(w), strict=True):
+        if explicitly_sharded(Vl) or explicitly_sharded(wl):
+            part = jnp.sum(Vl * wl[None], axis=tuple(range(1, Vl.ndim)))
+        else:
+            part = jnp.tensordot(Vl, wl, wl.ndim)
+        total = part if total is None else total + part.astype(total.dtype)
+    assert total is not None
+    return total
+
+
+def combine(coeffs: jax.Array, V: PyTree) -> PyTree:
+    """``Σᵢ coeffs[i] V[i]``, a vector like one row of V."""
+    return jax.tree_util.tree_map(lambda Vl: jnp.tensordot(coeffs.astype(Vl.dtype), Vl, 1), V)
+
+
+def rowwise_vdot(xs: PyTree, ys: PyTree) -> jax.Array:
+    """``(N,)`` inner products ``⟨xs[i], ys[i]⟩`` of two batches of vectors."""
+    return jax.vmap(vdot)(xs, ys)
+
+
+# --- random pytrees ------------------------------------------------------------------------
+
+
+def random_tree(
+    key: jax.Array, like: PyTree, distribution: str = "normal", count: int | None = None
+) -> PyTree:
+    """Random vectors drawn leaf by leaf, with the dtypes and layout of the pytree `like`.
+
+    With `count`, every leaf gets a leading axis `count` (that many independent vectors).
+    ``"normal"``/``"gaussian"`` draws standard normal entries, ``"rademacher"`` ±1. `like`
+    may be arrays (then the draw copies their layout: adding the zero leaf gives it the
+    leaf's sharding under explicit axes) or ``jax.ShapeDtypeStruct``s.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    draw = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
+    out = []
+    for k, leaf in zip(keys, leaves, strict=True):
+        shape = tuple(leaf.shape) if count is None else (count, *leaf.shape)
+        sample = draw(k, shape, leaf.dtype)
+        if isinstance(leaf, jax.Array):
+            zero = jnp.zeros_like(leaf)
+            sample = sample + (zero if count is None else zero[None])
+        out.append(sample)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --- structures and sharding ---------------------------------------------------------------
+
+
+def explicit_axes(sharding: Any) -> bool:
+    """Whether `sharding` is a NamedSharding splitting some axis over explicit mesh axes."""
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None:
+        return False
+    names = [n for entry in spec if entry is not None for n in np.atleast_1d(entry)]
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+    return bool(names) and all(types.get(n) == AxisType.Explicit for n in names)
+
+
+def explicitly_sharded(x: Any) -> bool:
+    """Whether `x`'s type (possibly traced) carries an axis split over explicit mesh axes."""
+    return isinstance(x, jax.Array) and explicit_axes(getattr(jax.typeof(x), "sharding", None))
+
+
+def multi_device(x: Any) -> bool:
+    """Whether `x` is a concrete array laid out over more than one device."""
+    sharding = getattr(x, "sharding", None)
+    return (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and isinstance(sharding, NamedSharding)
+        and len(sharding.device_set) > 1
+    )
+
+
+def structure_of(tree: PyTree) -> PyTree:
+    """A pytree of ``jax.ShapeDtypeStruct``: the shapes, dtypes and (mesh) shardings of `tree`.
+
+    The sharding is kept where a leaf is split over a mesh axis, so algorithms can draw
+    probes and start vectors in the parameters' layout; otherwise it is left unset.
+    """
+
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        sharding = getattr(jax.typeof(x), "sharding", None) if isinstance(x, jax.Array) else None
+        if not (isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec)):
+            sharding = None
+        return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding)
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def zeros(structure: PyTree) -> PyTree:
+    """A zero pytree of ``jax.ShapeDtypeStruct`` `structure`, in its layout where explicit."""
+
+    def leaf(s: Any) -> jax.Array:
+        sharding = getattr(s, "sharding", None)
+        if explicit_axes(sharding):
+            return jnp.zeros(s.shape, s.dtype, out_sharding=sharding)
+        return jnp.zeros(s.shape, s.dtype)  # automatic axes: XLA propagates the layout
+
+    return jax.tree_util.tree_map(leaf, structure)
+
+
+def match_sharding(tree: PyTree, like: PyTree) -> PyTree:
+    """Give each leaf of `tree` the explicit-axes sharding type of the matching leaf of `like`.
+
+    A freshly drawn array (a probe, a start vector) is unsharded; under explicit mesh axes a
+    linearized function refuses it as a tangent of sharded parameters. Under automatic axes
+    (or without a mesh) this does nothing and XLA's propagation decides.
+    """
+
+    def one(leaf: Any, like_leaf: Any) -> Any:
+        sharding = getattr(jax.typeof(like_leaf), "sharding", None)
+        if not explicit_axes(sharding):
+            return leaf
+        return jax.sharding.reshard(leaf, sharding.spec)
+
+    return jax.tree_util.tree_map(one, tree, like)
+
+
+def keep_sharding(out: PyTree, x: PyTree, *, batched: bool = False) -> PyTree:
+    """Outside ``jit``, put each output leaf where the matching concrete leaf of `x` lives.
+
+    XLA's propagation may pick another layout for a result than its input had. Traced
+    leaves are left to the caller's ``jit``. With ``batched=True`` outputs carry one leading
+    (unsharded) batch axis.
+    """
+
+    def one(o: Any, xl: Any) -> Any:
+        if isinstance(o, jax.core.Tracer) or not multi_device(xl):
+            return o
+        sharding = xl.sharding
+        if batched:
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+        return jax.device_put(o, sharding)
+
+    if not any(multi_device(leaf) for leaf in jax.tree_util.tree_leaves(x)):
+        return out
+    return jax.tree_util.tree_map(one, out, x)
