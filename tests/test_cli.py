@@ -47,8 +47,32 @@ def test_unknown_command_exits_with_usage():
         main(["nope"])
 
 
-def test_spectrum_command_writes_the_figure(tmp_path, capsys):
+def test_spectrum_command_writes_the_figure(tmp_path):
+    # In a fresh interpreter, as a user runs it: in this process the test order decides
+    # whether hessfree._cli.spectrum was imported already (see the xfail below).
     out = tmp_path / "spectrum.png"
-    assert main(["spectrum", "--out", str(out), "--k", "2"]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "hessfree", "spectrum", "--out", str(out), "--k", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
     assert out.exists() and out.stat().st_size > 1000
-    assert "eigenvalue" in capsys.readouterr().out.lower()
+    assert "eigenvalue" in proc.stdout.lower()
+    assert "top-2 eigenvalues" in proc.stdout and "converged: True" in proc.stdout
+    assert "[3/3]" in proc.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/hessfree/_cli/__init__.py: importing the submodule hessfree._cli.spectrum rebinds "
+    "the package attribute `spectrum` (the subcommand function, line 135) to the module, so "
+    "main(['spectrum', ...]) then raises TypeError: 'module' object is not callable",
+)
+def test_spectrum_subcommand_survives_importing_its_module():
+    import hessfree._cli as cli
+    import hessfree._cli.spectrum  # noqa: F401  (as `from hessfree._cli.spectrum import ...` does)
+
+    run = cli._parser().parse_args(["spectrum"]).run
+    assert callable(run) and run.__name__ == "spectrum"

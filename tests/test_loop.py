@@ -19,9 +19,9 @@ from hessfree import _staging
 
 _COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: _COMPILES.append(name)
-    if name == "/jax/core/compile/backend_compile_duration"
-    else None
+    lambda name, *_, **__: (
+        _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
 )
 
 
@@ -157,9 +157,9 @@ def test_flax_nnx_model_split_compiles_nothing_after_the_first_step():
             G = hf.ggn(model, "softmax_cross_entropy", params, x, y)
             top = hf.eigsh(G, 1, key=jax.random.key(step), maxiter=50)
             jax.block_until_ready(top.eigenvalues)
-            g = jax.grad(lambda q: hf._losses.LOSSES["softmax_cross_entropy"].value(model(q, x), y))(
-                params
-            )
+            g = jax.grad(
+                lambda q: hf._losses.LOSSES["softmax_cross_entropy"].value(model(q, x), y)
+            )(params)
             params = jax.tree.map(lambda a, b: a - 0.1 * b, params, g)
         counts.append(len(compiled))
         assert float(top.eigenvalues[0]) > 0

@@ -57,3 +57,30 @@ def test_readme_second_example_prints_values_next_to_exact():
         got = np.array([float(t) for t in re.findall(r"-?\d+\.?\d*(?:e-?\d+)?", computed)])
         want = np.array([float(t) for t in re.findall(r"-?\d+\.?\d*(?:e-?\d+)?", exact)])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_readme_flax_and_equinox_forms_run():
+    import pytest
+
+    pytest.importorskip("flax.nnx")
+    pytest.importorskip("equinox")
+    code = _python_blocks()[2]
+    out = io.StringIO()
+    namespace: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(README), "exec"), namespace)
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2
+    # the GGN is PSD: its top eigenvalue and trace are positive, and the trace bounds it
+    top = float(lines[0].strip("[]"))
+    assert top > 0 and float(lines[1]) > top
+    # independent reference for the Equinox GGN: dense Jᵀ H_L J over ravel_pytree
+    model, params, x, y = namespace["model"], namespace["params"], namespace["x"], namespace["y"]
+    flat, unravel = ravel_pytree(params)
+    J = jax.jacfwd(lambda z: model(unravel(z), x))(flat)
+    logits = model(params, x)
+    HL = jax.hessian(
+        lambda o: -jax.numpy.mean(jax.numpy.take_along_axis(jax.nn.log_softmax(o), y[:, None], 1))
+    )(logits)
+    dense = jax.numpy.einsum("bip,bicj,cjq->pq", J, HL, J)
+    np.testing.assert_allclose(namespace["G"].to_dense(), dense, rtol=1e-4, atol=1e-6)

@@ -197,4 +197,3 @@ def ritz(H: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     theta, S = jnp.linalg.eigh(block + jnp.diag(jnp.where(inside, 0, sentinels)))
     active = jnp.sum(jnp.where(inside[:, None], S**2, 0), axis=0) > 0.5
     return theta, S, active
-

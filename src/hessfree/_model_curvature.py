@@ -68,7 +68,9 @@ class ChunkedJacobian:
         return cls(aux[0], aux[1], *children)
 
     @classmethod
-    def build(cls, model: Model, params: PyTree, inputs: PyTree, chunk_size: int) -> ChunkedJacobian:
+    def build(
+        cls, model: Model, params: PyTree, inputs: PyTree, chunk_size: int
+    ) -> ChunkedJacobian:
         batch = jax.eval_shape(model, params, inputs).shape[0]
         size = min(chunk_size, batch)
         num = -(-batch // size)
@@ -154,8 +156,14 @@ def _check_model(model: Any, params: PyTree, inputs: PyTree) -> Any:
 
 
 def _ggn_build(
-    model: Model, loss: Any, params: PyTree, inputs: PyTree, targets: PyTree, *, chunk_size: int | None
-) -> CurvatureOperator:
+    model: Model,
+    loss: Any,
+    params: PyTree,
+    inputs: PyTree,
+    targets: PyTree,
+    *,
+    chunk_size: int | None,
+) -> tuple[CurvatureOperator, jax.Array]:
     outputs_struct = _check_model(model, params, inputs)
     if isinstance(loss, str):
         row = losses.get_loss(loss)
@@ -169,9 +177,21 @@ def _ggn_build(
         middle = Partial(_NamedMiddle(row.hessian_mv), ok, outputs, targets)
         label = f"ggn ({loss})"
     else:
+        ok = jnp.ones((), bool)
         middle = Partial(losses.AutodiffOutputHessian(loss), outputs, targets)
         label = f"ggn ({getattr(loss, '__name__', 'callable')})"
-    return _operator(jac, middle, params, label)
+    return _operator(jac, middle, params, label), ok
+
+
+def _refuse_bad_targets(ok: jax.Array, targets: Any, loss: losses.Loss) -> None:
+    """Outside jit (targets concrete), out-of-range targets raise now (one scalar read)."""
+    if (
+        not isinstance(targets, jax.core.Tracer)
+        and not isinstance(ok, jax.core.Tracer)
+        and not bool(ok)
+    ):
+        msg = f"targets for loss {loss.name!r} must be {loss.targets_doc}; got values out of range"
+        raise ValueError(msg)
 
 
 def ggn(
@@ -231,16 +251,17 @@ def ggn(
     """
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if isinstance(loss, str):
-        row = losses.get_loss(loss)
-        outputs_struct = _check_model(model, params, inputs)
-        losses.check_targets(row, outputs_struct, targets)
+        losses.get_loss(loss)  # the name now; shapes and target values while tracing
     elif not callable(loss):
         msg = (
             f"loss must be a callable loss(outputs, targets) -> scalar or one of "
             f"{list(losses.LOSSES)}; got {type(loss).__name__}"
         )
         raise TypeError(msg)
-    return staged(_ggn_build, model, loss, params, inputs, targets, chunk_size=chunk_size)
+    op, ok = staged(_ggn_build, model, loss, params, inputs, targets, chunk_size=chunk_size)
+    if isinstance(loss, str):
+        _refuse_bad_targets(ok, targets, losses.get_loss(loss))
+    return op
 
 
 # --- Fisher ---------------------------------------------------------------------------------
@@ -257,7 +278,7 @@ def _fisher_build(
     kind: str,
     num_samples: int,
     chunk_size: int | None,
-) -> CurvatureOperator:
+) -> tuple[CurvatureOperator, jax.Array]:
     row = losses.get_likelihood(likelihood)
     outputs_struct = _check_model(model, params, inputs)
     if kind == "empirical":
@@ -265,8 +286,8 @@ def _fisher_build(
     else:
         losses.check_outputs_for(row, outputs_struct)
     outputs, jac = model_jacobian(model, params, inputs, chunk_size)
+    ok = jnp.ones((), bool)
     if kind == "exact":
-        ok = jnp.ones((), bool)
         middle = Partial(_NamedMiddle(row.hessian_mv), ok, outputs, None)
     else:
         if kind == "mc":
@@ -275,7 +296,7 @@ def _fisher_build(
             ok = row.targets_ok(outputs, targets)
             grads = losses.guarded(ok, row.output_grad(outputs, targets))[None]
         middle = Partial(losses.outer_product_mv, grads)
-    return _operator(jac, middle, params, f"fisher ({kind}, {likelihood})")
+    return _operator(jac, middle, params, f"fisher ({kind}, {likelihood})"), ok
 
 
 def fisher(
@@ -346,9 +367,10 @@ def fisher(
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if kind == "empirical":
         if targets is None:
-            msg = 'targets must be given for kind="empirical" (gradients are taken at them); got None'
+            msg = (
+                'targets must be given for kind="empirical" (gradients are taken at them); got None'
+            )
             raise ValueError(msg)
-        losses.check_targets(row, _check_model(model, params, inputs), targets)
     else:
         targets = None
     if kind == "mc":
@@ -356,4 +378,9 @@ def fisher(
     else:
         key = None
     options = {"likelihood": likelihood, "kind": kind, "num_samples": num_samples}
-    return staged(_fisher_build, model, params, inputs, targets, key, chunk_size=chunk_size, **options)
+    op, ok = staged(
+        _fisher_build, model, params, inputs, targets, key, chunk_size=chunk_size, **options
+    )
+    if kind == "empirical":
+        _refuse_bad_targets(ok, targets, row)
+    return op

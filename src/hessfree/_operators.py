@@ -146,10 +146,7 @@ class CurvatureOperator:
 
         Compiled once per operator configuration and shapes (staged), whatever the values.
         """
-        structure = self.in_structure()
-        check_like(structure, v, "the operator's parameters", "v")
-        check_floating(v, "v")
-        return staged(apply, self, tree.cast_like(v, structure))
+        return staged(_checked_apply, self, v)
 
     def __matmul__(self, v: PyTree) -> PyTree:
         return self.mv(v)
@@ -238,7 +235,8 @@ class CurvatureOperator:
 
         def to_flat(out: PyTree, batch: tuple[int, ...]) -> np.ndarray:
             flat = [
-                np.asarray(leaf, dtype).reshape(*batch, -1) for leaf in jax.tree_util.tree_leaves(out)
+                np.asarray(leaf, dtype).reshape(*batch, -1)
+                for leaf in jax.tree_util.tree_leaves(out)
             ]
             return np.moveaxis(np.concatenate(flat, axis=-1), -1, 0)
 
@@ -274,6 +272,13 @@ def apply(op: CurvatureOperator, v: PyTree) -> PyTree:
     return tree.cast_like(out, v)
 
 
+def _checked_apply(op: CurvatureOperator, v: PyTree) -> PyTree:
+    structure = op.in_structure()
+    check_like(structure, v, "the operator's parameters", "v")
+    check_floating(v, "v")
+    return apply(op, tree.cast_like(v, structure))
+
+
 def _apply_many(op: CurvatureOperator, vs: PyTree, *, chunk_size: int | None) -> PyTree:
     one = functools.partial(apply, op)
     return jax.vmap(one)(vs) if chunk_size is None else jax.lax.map(one, vs, batch_size=chunk_size)
@@ -283,9 +288,15 @@ def _dense(op: CurvatureOperator) -> jax.Array:
     _, unravel = ravel_pytree(tree.zeros(op.in_structure()))
     n = op.shape[0]
     columns = jax.lax.map(
-        lambda e: ravel_pytree(apply(op, unravel(e)))[0], jnp.eye(n, dtype=op.dtype), batch_size=min(n, 128)
+        lambda e: ravel_pytree(apply(op, unravel(e)))[0],
+        jnp.eye(n, dtype=op.dtype),
+        batch_size=min(n, 128),
     )
     return columns.T
+
+
+def _check_only(f: Callable[..., Any], x: PyTree, args: tuple[Any, ...], *, mode: str) -> None:
+    check_hvp_args(f, x, args, mode)
 
 
 def hessian(
@@ -333,6 +344,6 @@ def hessian(
     if cache:
         _, matvec = cached_gradient_linearization(f, x, args, mode)
     else:
-        check_hvp_args(f, x, args, mode)
+        staged(_check_only, f, x, args, mode=mode)  # raises now; compiled once, then ~free
         matvec = Partial(_UncachedHvp(f, mode), x, args)
     return CurvatureOperator(matvec, x, label="hessian", psd=False)

@@ -213,9 +213,7 @@ def _hvps_impl(
     return jax.vmap(one)(vs) if chunk_size is None else jax.lax.map(one, vs, batch_size=chunk_size)
 
 
-def _linearize_impl(
-    f: Fn, x: PyTree, args: tuple[Any, ...], *, mode: str
-) -> tuple[PyTree, Linear]:
+def _linearize_impl(f: Fn, x: PyTree, args: tuple[Any, ...], *, mode: str) -> tuple[PyTree, Linear]:
     check_hvp_args(f, x, args, mode)
     g, linear = linearize_gradient(f, x, args, mode)
     return g, capture(linear, x, ("hessian", f, mode), (x, args))
@@ -261,7 +259,9 @@ class _UncachedHvp:
 # --- public ---------------------------------------------------------------------------------------
 
 
-def hvp(f: Fn, x: PyTree, v: PyTree, *args: Any, mode: str = "auto", remat: Remat = False) -> PyTree:
+def hvp(
+    f: Fn, x: PyTree, v: PyTree, *args: Any, mode: str = "auto", remat: Remat = False
+) -> PyTree:
     """Hessian-vector product ``∇²f(x) v`` of a scalar function of a pytree.
 
     ``H v = d/dt ∇f(x + t v)|ₜ₌₀``, never forming H. Cost: about one gradient evaluation plus

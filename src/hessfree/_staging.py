@@ -46,7 +46,9 @@ class _Static:
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
+        return (
+            isinstance(other, _Static) and self._hash == other._hash and self.value == other.value
+        )
 
 
 _HOLE = object()
@@ -87,9 +89,28 @@ def cache_size() -> int:
 _LINEAR: dict[Hashable, Callable[..., Any]] = {}
 
 
+class _Key:
+    """A registry key with its hash computed once (it is hashed on every staged call)."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: Hashable) -> None:
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Key) and self._hash == other._hash and self.value == other.value
+        )
+
+
 def _aval_key(tree: PyTree) -> Hashable:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple(jax.typeof(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves)
+    return treedef, tuple(
+        jax.typeof(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves
+    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -128,7 +149,18 @@ def capture(
     settings) and `inputs` are the build's inputs: with their types (and static leaves) they
     make the registry key. Call this while tracing the build (inside :func:`staged`).
     """
-    converted, residuals = jax.closure_convert(linear_fn, example)
-    key = (tag, _aval_key(inputs), tuple(jax.typeof(r) for r in residuals))
+    # Every constant of the traced linear map becomes an input (jax.closure_convert would keep
+    # non-float tracers, e.g. a relu's boolean mask, closed over, and they would leak).
+    closed, out_shape = jax.make_jaxpr(linear_fn, return_shape=True)(example)
+    residuals = tuple(closed.consts)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    jaxpr = closed.jaxpr
+
+    def converted(v: PyTree, *consts: Any) -> PyTree:
+        out = jax.core.eval_jaxpr(jaxpr, list(consts), *jax.tree_util.tree_leaves(v))
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    residuals = tuple(jax.numpy.asarray(r) for r in residuals)
+    key = _Key((tag, _aval_key(inputs), tuple(jax.typeof(r) for r in residuals)))
     _LINEAR[key] = converted
     return Linear(key, tuple(residuals))

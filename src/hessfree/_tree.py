@@ -70,7 +70,9 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 def size(x: PyTree) -> int:
     """The total number of entries (static)."""
-    return sum(int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in jax.tree_util.tree_leaves(x))
+    return sum(
+        int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in jax.tree_util.tree_leaves(x)
+    )
 
 
 def scalar_dtype(x: PyTree) -> np.dtype:

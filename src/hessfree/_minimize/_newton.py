@@ -61,7 +61,9 @@ def backtracking(
     none once ``α‖d‖`` is below the rounding level of x.
     """
     dtype = pr.gd.dtype
-    tiny = jnp.finfo(dtype).eps * (1 + tree.norm(x)) / jnp.maximum(pr.step_norm, jnp.finfo(dtype).tiny)
+    tiny = (
+        jnp.finfo(dtype).eps * (1 + tree.norm(x)) / jnp.maximum(pr.step_norm, jnp.finfo(dtype).tiny)
+    )
 
     def cond(ls: _LineSearch) -> jax.Array:
         return ~ls.ok & (ls.tries < _MAX_BACKTRACKS) & (ls.alpha > tiny)
@@ -103,7 +105,13 @@ class LineSearchNewton:
     """``method="newton-cg"``: truncated Newton directions and a backtracking line search."""
 
     def propose(
-        self, hv: MatVec, g: PyTree, gnorm: jax.Array, st: MinimizeState, precond: MatVec, cg_maxiter: int
+        self,
+        hv: MatVec,
+        g: PyTree,
+        gnorm: jax.Array,
+        st: MinimizeState,
+        precond: MatVec,
+        cg_maxiter: int,
     ) -> tuple[Proposal, jax.Array, jax.Array]:
         forcing = forcing_term(gnorm, st.gnorm_prev, st.forcing)
         res = pcg(hv, tree.neg(g), None, precond, forcing * gnorm, cg_maxiter)
@@ -113,13 +121,19 @@ class LineSearchNewton:
         d = tree.where(first, res.p, res.x)
         dHd = jnp.where(first & res.negative, res.pAp, 0)
         false = jnp.zeros((), bool)
-        return along(g, d, dHd, hits_boundary=false, negative=false, stationary=false), res.matvecs, forcing
+        return (
+            along(g, d, dHd, hits_boundary=false, negative=false, stationary=false),
+            res.matvecs,
+            forcing,
+        )
 
     def escape(self, d: PyTree, dHd: jax.Array, radius: jax.Array) -> tuple[PyTree, jax.Array]:
         del radius
         return d, dHd
 
-    def try_proposal(self, value: Callable[..., jax.Array], st: MinimizeState, args: tuple[Any, ...]) -> Tried:
+    def try_proposal(
+        self, value: Callable[..., jax.Array], st: MinimizeState, args: tuple[Any, ...]
+    ) -> Tried:
         pr = st.proposal
         ls = backtracking(value, st.x, st.fun, pr, args)
         nonfinite = ~ls.finite | pr.nonfinite
@@ -127,7 +141,9 @@ class LineSearchNewton:
         state = st._replace(
             nfev=st.nfev + ls.tries, status=jnp.where(ls.ok, RUNNING, failure).astype(jnp.int32)
         )
-        return Tried(state, tree.where(ls.ok, ls.x, st.x), jnp.where(ls.ok, ls.f, st.fun), ~ls.ok, ls.alpha)
+        return Tried(
+            state, tree.where(ls.ok, ls.x, st.x), jnp.where(ls.ok, ls.f, st.fun), ~ls.ok, ls.alpha
+        )
 
     def shrink(self, st: MinimizeState, alpha: jax.Array) -> MinimizeState:
         """After a non-finite gradient at the accepted point: a tenth of the step taken."""

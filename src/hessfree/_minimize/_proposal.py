@@ -43,7 +43,9 @@ class Proposal(NamedTuple):
         )
 
 
-def along(g: PyTree, d: PyTree, dHd: jax.Array, *, hits_boundary: Any, negative: Any, stationary: Any) -> Proposal:
+def along(
+    g: PyTree, d: PyTree, dHd: jax.Array, *, hits_boundary: Any, negative: Any, stationary: Any
+) -> Proposal:
     """The step `d` with its quadratic model ``m(d) = gᵀd + ½ dᵀHd`` (curvature `dHd` given)."""
     gd = tree.vdot(g, d)
     return Proposal(

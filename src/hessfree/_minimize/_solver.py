@@ -101,7 +101,11 @@ class Minimizer:
             msg = f"eta (the trust-region acceptance ratio) must be in [0, 0.25); got {self.eta!r}"
             raise ValueError(msg)
         if self.preconditioner is not None:
-            check_callable(self.preconditioner, "preconditioner", "preconditioner(x, *args) -> positive pytree like x")
+            check_callable(
+                self.preconditioner,
+                "preconditioner",
+                "preconditioner(x, *args) -> positive pytree like x",
+            )
 
     @property
     def strategy(self) -> TrustRegion | LineSearchNewton:
@@ -133,7 +137,9 @@ class Minimizer:
         """
         return lax.cond(state.status == RUNNING, lambda s: self._step(s, args), lambda s: s, state)
 
-    def advance(self, state: MinimizeState, *args: Any, num_steps: int | jax.Array) -> MinimizeState:
+    def advance(
+        self, state: MinimizeState, *args: Any, num_steps: int | jax.Array
+    ) -> MinimizeState:
         """Up to `num_steps` steps (fewer if the run ends), compiled as one while loop."""
         if not isinstance(state, MinimizeState):
             msg = f"state must be a MinimizeState from init(); got {type(state).__name__}"
@@ -180,7 +186,9 @@ class Minimizer:
         return min(200 * tree.size(x), 2**31 - 1) if self.maxiter is None else int(self.maxiter)
 
     def _cg_maxiter(self, x: PyTree) -> int:
-        return min(20 * tree.size(x), 2**31 - 1) if self.cg_maxiter is None else int(self.cg_maxiter)
+        return (
+            min(20 * tree.size(x), 2**31 - 1) if self.cg_maxiter is None else int(self.cg_maxiter)
+        )
 
     def _precond(self, x: PyTree, args: tuple[Any, ...]) -> MatVec:
         if self.preconditioner is None:
@@ -228,13 +236,17 @@ class Minimizer:
             branch,
             [
                 lambda: self._escape(hv, x, g, st.radius, st.forcing),
-                lambda: self.strategy.propose(hv, g, gnorm, st, self._precond(x, args), self._cg_maxiter(x)),
+                lambda: self.strategy.propose(
+                    hv, g, gnorm, st, self._precond(x, args), self._cg_maxiter(x)
+                ),
                 lambda: (no_proposal(x), jnp.zeros((), jnp.int32), st.forcing),
             ],
         )
         converged = stationary & ~proposal.negative
         status = jnp.where(
-            converged, SUCCESS, jnp.where(out_of_iters, jnp.where(stationary, SADDLE, MAXITER), RUNNING)
+            converged,
+            SUCCESS,
+            jnp.where(out_of_iters, jnp.where(stationary, SADDLE, MAXITER), RUNNING),
         ).astype(jnp.int32)
         return st._replace(
             proposal=proposal,
@@ -244,7 +256,9 @@ class Minimizer:
             gnorm_prev=gnorm,
         )
 
-    def _escape(self, hv: MatVec, x: PyTree, g: PyTree, radius: jax.Array, forcing: jax.Array) -> Any:
+    def _escape(
+        self, hv: MatVec, x: PyTree, g: PyTree, radius: jax.Array, forcing: jax.Array
+    ) -> Any:
         found, d, dHd, matvecs = _probe_curvature(hv, x, g, min(self.probe_iters, tree.size(x)))
         d, dHd = self.strategy.escape(d, dHd, radius)
         true = jnp.ones((), bool)
@@ -259,11 +273,15 @@ class Minimizer:
         good = st._replace(x=tried.x, fun=tried.f, jac=g)
         # an accepted point whose gradient is not finite: stay, shrink the same proposal
         bad = self.strategy.shrink(st, tried.alpha)
-        bad = bad._replace(status=jnp.where(bad.nit >= self._maxiter(st.x), MAXITER, bad.status).astype(jnp.int32))
+        bad = bad._replace(
+            status=jnp.where(bad.nit >= self._maxiter(st.x), MAXITER, bad.status).astype(jnp.int32)
+        )
         out = lax.cond(
             tried.stop,
             lambda: st,
-            lambda: lax.cond(tree.all_finite(g), lambda: self._with_next(good, hv, args), lambda: bad),
+            lambda: lax.cond(
+                tree.all_finite(g), lambda: self._with_next(good, hv, args), lambda: bad
+            ),
         )
         return out._replace(radius=out.radius.astype(dtype), forcing=out.forcing.astype(dtype))
 
@@ -274,7 +292,9 @@ def _init_jit(solver: Minimizer, x0: PyTree, args: tuple[Any, ...]) -> MinimizeS
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _advance_jit(solver: Minimizer, state: MinimizeState, args: tuple[Any, ...], num_steps: jax.Array) -> MinimizeState:
+def _advance_jit(
+    solver: Minimizer, state: MinimizeState, args: tuple[Any, ...], num_steps: jax.Array
+) -> MinimizeState:
     def body(carry: tuple[MinimizeState, jax.Array]) -> tuple[MinimizeState, jax.Array]:
         s, k = carry
         return solver._step(s, args), k + 1

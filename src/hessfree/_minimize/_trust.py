@@ -131,11 +131,15 @@ def steihaug(
     return SteihaugResult(out.s, out.model, jnp.sqrt(out.sWs), out.hits, out.negative, out.k)
 
 
-def _new_radius(radius: jax.Array, pr: Proposal, finite: jax.Array, rho: jax.Array, max_radius: float) -> jax.Array:
+def _new_radius(
+    radius: jax.Array, pr: Proposal, finite: jax.Array, rho: jax.Array, max_radius: float
+) -> jax.Array:
     """N&W Alg. 4.1: ρ < ¼: Δ/4; ρ > ¾ on the boundary: min(2Δ, max); non-finite: ‖s‖/4."""
     grown = jnp.where((rho > 0.75) & pr.hits_boundary, jnp.minimum(2 * radius, max_radius), radius)
     return jnp.where(
-        ~finite, 0.25 * jnp.minimum(radius, pr.step_norm), jnp.where(rho < 0.25, 0.25 * radius, grown)
+        ~finite,
+        0.25 * jnp.minimum(radius, pr.step_norm),
+        jnp.where(rho < 0.25, 0.25 * radius, grown),
     )
 
 
@@ -147,21 +151,37 @@ class TrustRegion:
     max_radius: float
 
     def propose(
-        self, hv: MatVec, g: PyTree, gnorm: jax.Array, st: MinimizeState, precond: MatVec, cg_maxiter: int
+        self,
+        hv: MatVec,
+        g: PyTree,
+        gnorm: jax.Array,
+        st: MinimizeState,
+        precond: MatVec,
+        cg_maxiter: int,
     ) -> tuple[Proposal, jax.Array, jax.Array]:
         tol = jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm
         sub = steihaug(hv, g, st.radius, precond, tol, cg_maxiter)
         gd = tree.vdot(g, sub.s)
         false = jnp.zeros((), bool)
         proposal = Proposal(
-            sub.s, gd, 2 * (sub.model - gd), sub.model, sub.step_norm, sub.hits_boundary, false, false, false
+            sub.s,
+            gd,
+            2 * (sub.model - gd),
+            sub.model,
+            sub.step_norm,
+            sub.hits_boundary,
+            false,
+            false,
+            false,
         )
         return proposal, sub.matvecs, st.forcing
 
     def escape(self, d: PyTree, dHd: jax.Array, radius: jax.Array) -> tuple[PyTree, jax.Array]:
         return tree.scale(radius, d), dHd * radius**2
 
-    def try_proposal(self, value: Callable[..., jax.Array], st: MinimizeState, args: tuple[Any, ...]) -> Tried:
+    def try_proposal(
+        self, value: Callable[..., jax.Array], st: MinimizeState, args: tuple[Any, ...]
+    ) -> Tried:
         pr = st.proposal
         x_t = tree.axpy(jnp.ones((), pr.gd.dtype), pr.d, st.x)
         f_t = value(x_t, args)
@@ -177,7 +197,9 @@ class TrustRegion:
         nonfinite = ~finite | pr.nonfinite
         failure = jnp.where(pr.stationary, SADDLE, jnp.where(nonfinite, NONFINITE, PRECISION_LOSS))
         state = st._replace(
-            radius=radius, nfev=st.nfev + 1, status=jnp.where(stop, failure, RUNNING).astype(jnp.int32)
+            radius=radius,
+            nfev=st.nfev + 1,
+            status=jnp.where(stop, failure, RUNNING).astype(jnp.int32),
         )
         x = tree.where(accept, x_t, st.x)
         return Tried(state, x, jnp.where(accept, f_t, st.fun), stop, jnp.ones_like(radius))
@@ -188,4 +210,6 @@ class TrustRegion:
         pr = st.proposal
         radius = 0.25 * jnp.minimum(st.radius, pr.step_norm)
         c = radius / jnp.maximum(pr.step_norm, jnp.finfo(radius.dtype).tiny)
-        return st._replace(proposal=pr.scaled(c)._replace(nonfinite=jnp.ones((), bool)), radius=radius)
+        return st._replace(
+            proposal=pr.scaled(c)._replace(nonfinite=jnp.ones((), bool)), radius=radius
+        )
