@@ -203,8 +203,9 @@ def cg(
         >>> import jax.numpy as jnp
         >>> import hessfree as hf
         >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-        >>> hf.cg(A, jnp.array([1.0, 2.0])).x.round(4).tolist()  # numpy.linalg.solve
-        [0.0909, 0.6364]
+        >>> res = hf.cg(A, jnp.array([1.0, 2.0]))
+        >>> [round(float(v), 4) for v in res.x], res.message  # numpy.linalg.solve: 1/11, 7/11
+        ([0.0909, 0.6364], 'Success: the requested tolerance was met (minimize: gradient norm <= gtol and no negative curvature found at the solution).')
 
     References:
         Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems",
