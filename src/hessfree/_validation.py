@@ -41,7 +41,7 @@ def _leaf_dtype(leaf: Any, name: str, where: str) -> np.dtype:
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and hasattr(leaf, "shape"):
         return np.dtype(dtype)
-    if isinstance(leaf, _NUMBER | complex) and not isinstance(leaf, bool):
+    if isinstance(leaf, (*_NUMBER, complex)) and not isinstance(leaf, bool):
         return np.dtype(jnp.asarray(leaf).dtype)
     msg = (
         f"{name} must be a pytree of arrays; leaf {where} is a {type(leaf).__name__}, not an "
