@@ -113,8 +113,9 @@ HVP_SPOILS = [
 ]
 
 
-def _hvp_bad_input(spoil, which):
-    x, v, mode = X, {"w": jnp.array([1.0, 0.5]), "b": jnp.array(-1.0)}, "auto"
+def _hvp_bad_input(spoil, which, scale):
+    x = jax.tree.map(lambda a: a * scale, X)
+    v, mode = {"w": jnp.array([1.0, 0.5]), "b": jnp.array(-1.0)}, "auto"
     if spoil is not None:
         x, v, mode = (
             spoil[2] if spoil[0] == n else d for n, d in (("x", x), ("v", v), ("mode", mode))
@@ -148,8 +149,13 @@ EST_SPOILS = (
 )
 
 
-def _estimator_bad_input(spoil, which):
-    kwargs = {"key": KEY, "num_probes": 6, "chunk_size": None, "method": "hutchinson"}
+def _estimator_bad_input(spoil, which, seed):
+    kwargs = {
+        "key": jax.random.key(seed),
+        "num_probes": 6,
+        "chunk_size": None,
+        "method": "hutchinson",
+    }
     kwargs["distribution"] = "rademacher"
     if spoil is not None:
         kwargs[spoil[0]] = spoil[2]
@@ -172,8 +178,15 @@ EIG_SPOILS = (
 )
 
 
-def _eigsh_bad_input(spoil):
-    kwargs = {"k": 1, "key": KEY, "tol": None, "maxiter": 100, "which": "LA", "v0": None}
+def _eigsh_bad_input(spoil, seed):
+    kwargs = {
+        "k": 1,
+        "key": jax.random.key(seed),
+        "tol": None,
+        "maxiter": 100,
+        "which": "LA",
+        "v0": None,
+    }
     if spoil is not None:
         kwargs[spoil[0]] = spoil[2]
     if spoil is None:
@@ -206,15 +219,16 @@ TARGET_SPOILS = [
 ]
 
 
-def _ggn_refuses_bad_targets(spoil, as_fisher):
+def _ggn_refuses_bad_targets(spoil, as_fisher, scale):
     loss, _, targets = spoil
+    w = W * scale
     if as_fisher:
         likelihood = hf._losses.LOSSES[loss].likelihood
         call = lambda: hf.fisher(  # noqa: E731
-            linear, W, XS, likelihood=likelihood, kind="empirical", targets=targets
+            linear, w, XS, likelihood=likelihood, kind="empirical", targets=targets
         )
     else:
-        call = lambda: hf.ggn(linear, loss, W, XS, targets)  # noqa: E731
+        call = lambda: hf.ggn(linear, loss, w, XS, targets)  # noqa: E731
     expect_named_error(call, "targets")
 
 
@@ -247,9 +261,9 @@ MIN_SPOILS = (
 )
 
 
-def _minimize_bad_input(spoil):
+def _minimize_bad_input(spoil, start):
     kwargs = {"method": "trust-ncg", "gtol": 1e-5, "maxiter": None, "mode": "auto"}
-    x0 = jnp.array([-1.2, 1.0])
+    x0 = jnp.array([-1.2, 1.0]) * start
     if spoil is not None:
         if spoil[0] == "x0":
             x0 = spoil[2]
@@ -288,6 +302,7 @@ test_cg_bad_input_many = pytest.mark.slow(_generated(_cg_bad_input, _CG_BAD_INPU
 _HVP_BAD_INPUT_STRATEGIES = (
     st.one_of(st.none(), st.sampled_from(HVP_SPOILS)),
     st.sampled_from(["hvp", "hvp_fn", "hvps"]),
+    st.floats(0.25, 4.0),
 )
 test_hvp_bad_input = _generated(_hvp_bad_input, _HVP_BAD_INPUT_STRATEGIES, 40)
 test_hvp_bad_input_many = pytest.mark.slow(
@@ -297,13 +312,17 @@ test_hvp_bad_input_many = pytest.mark.slow(
 _ESTIMATOR_BAD_INPUT_STRATEGIES = (
     st.one_of(st.none(), st.sampled_from(EST_SPOILS)),
     st.sampled_from(["trace", "diagonal"]),
+    st.integers(0, 2**16),
 )
 test_estimator_bad_input = _generated(_estimator_bad_input, _ESTIMATOR_BAD_INPUT_STRATEGIES, 50)
 test_estimator_bad_input_many = pytest.mark.slow(
     _generated(_estimator_bad_input, _ESTIMATOR_BAD_INPUT_STRATEGIES, 250)
 )
 
-_EIGSH_BAD_INPUT_STRATEGIES = (st.one_of(st.none(), st.sampled_from(EIG_SPOILS)),)
+_EIGSH_BAD_INPUT_STRATEGIES = (
+    st.one_of(st.none(), st.sampled_from(EIG_SPOILS)),
+    st.integers(0, 2**16),
+)
 test_eigsh_bad_input = _generated(_eigsh_bad_input, _EIGSH_BAD_INPUT_STRATEGIES, 50)
 test_eigsh_bad_input_many = pytest.mark.slow(
     _generated(_eigsh_bad_input, _EIGSH_BAD_INPUT_STRATEGIES, 250)
@@ -312,6 +331,7 @@ test_eigsh_bad_input_many = pytest.mark.slow(
 _GGN_REFUSES_BAD_TARGETS_STRATEGIES = (
     st.sampled_from(TARGET_SPOILS),
     st.booleans(),
+    st.floats(0.25, 4.0),
 )
 test_ggn_refuses_bad_targets = _generated(
     _ggn_refuses_bad_targets, _GGN_REFUSES_BAD_TARGETS_STRATEGIES, 30
@@ -320,7 +340,10 @@ test_ggn_refuses_bad_targets_many = pytest.mark.slow(
     _generated(_ggn_refuses_bad_targets, _GGN_REFUSES_BAD_TARGETS_STRATEGIES, 250)
 )
 
-_MINIMIZE_BAD_INPUT_STRATEGIES = (st.one_of(st.none(), st.sampled_from(MIN_SPOILS)),)
+_MINIMIZE_BAD_INPUT_STRATEGIES = (
+    st.one_of(st.none(), st.sampled_from(MIN_SPOILS)),
+    st.floats(0.5, 1.5),
+)
 test_minimize_bad_input = _generated(_minimize_bad_input, _MINIMIZE_BAD_INPUT_STRATEGIES, 50)
 test_minimize_bad_input_many = pytest.mark.slow(
     _generated(_minimize_bad_input, _MINIMIZE_BAD_INPUT_STRATEGIES, 250)
