@@ -4,7 +4,10 @@
 
 1. Top-1 and top-5 Hessian eigenvalues of the ~1M-parameter MLP: hessfree.eigsh vs
    scipy.sparse.linalg.eigsh (ARPACK) on the same operator's as_scipy(), same tolerance;
-   HVP counts and wall time (median of repeats after a warm-up).
+   HVP counts and wall time (median of repeats after a warm-up). Then the training-loop
+   case: eigsh(k=1) on a cached Hessian rebuilt (hessfree.hessian) at new parameters before
+   every call, 5 rebuilds, time per call after the first vs. eigsh(k=1) on one fixed
+   operator, and the XLA compiles after the first call (0 expected).
 2. Trace error vs HVP budget, Hutchinson vs Hutch++, on a small MLP whose exact trace is
    computed densely (mean relative error over seeds).
 3. Per-example gradient norms: time and compiled temp memory (XLA memory_analysis) of
@@ -32,6 +35,13 @@ import hessfree
 from hessfree._cli.workloads import mlp_apply, mlp_classifier
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: (
+        COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
 
 
 def median_time(fn: Any, repeats: int) -> tuple[float, Any]:
@@ -68,21 +78,23 @@ def bench_eigsh(workload: Any, tol: float, repeats: int) -> list[dict[str, Any]]
     rows = []
     for k in (1, 5):
         key = jax.random.PRNGKey(k)
-        seconds, (values, _, info) = median_time(
-            lambda k=k, key=key: hessfree.eigsh(op, k, key=key, tol=tol, return_info=True), repeats
+        seconds, result = median_time(
+            lambda k=k, key=key: hessfree.eigsh(op, k, key=key, tol=tol), repeats
         )
+        values, hvps = result.eigenvalues, int(result.num_matvecs)
         scipy_seconds, scipy_values, scipy_hvps = scipy_eigsh(scipy_op, k, tol, v0, repeats)
         rows.append(
             {
                 "k": k,
                 "tol": tol,
-                "hessfree_hvps": int(info.num_matvecs),
+                "hessfree_hvps": hvps,
                 "scipy_hvps": scipy_hvps,
-                "hvp_ratio": scipy_hvps / int(info.num_matvecs),
+                "hvp_ratio": scipy_hvps / hvps,
                 "hessfree_s": seconds,
                 "scipy_s": scipy_seconds,
                 "speedup": scipy_seconds / seconds,
-                "converged": bool(info.converged),
+                "converged": bool(result.success),
+                "status": int(result.status),
                 "hessfree_eigenvalues": np.asarray(values).tolist(),
                 "scipy_eigenvalues": np.sort(scipy_values).tolist(),
                 "max_rel_diff": float(
@@ -95,6 +107,53 @@ def bench_eigsh(workload: Any, tol: float, repeats: int) -> list[dict[str, Any]]
     return rows
 
 
+def bench_eigsh_loop(workload: Any, tol: float, rebuilds: int = 5) -> dict[str, Any]:
+    """eigsh(k=1) on a Hessian rebuilt at each new point vs. on one fixed operator.
+
+    The points are `rebuilds` SGD iterates (computed beforehand). At each point, interleaved:
+    "rebuilt" builds ``hessian(f, p, *args)`` (cached) and runs eigsh on it, "fixed" runs
+    eigsh on the operator built once at the first point. Per-call time is the median over the
+    calls after the first; HVPs are the median count of those calls (the rebuilt operator's
+    convergence varies with the point, hence also the ratio per HVP).
+    """
+    f, args = workload.f, workload.args
+    grad = jax.jit(jax.grad(f))
+    points = [workload.x]
+    for _ in range(rebuilds - 1):
+        g = grad(points[-1], *args)
+        points.append(jax.tree_util.tree_map(lambda a, b: a - 0.1 * b, points[-1], g))
+    jax.block_until_ready(points)
+    key = jax.random.PRNGKey(0)
+    fixed_op = jax.block_until_ready(hessfree.hessian(f, points[0], *args))
+    variants = {
+        "rebuilt": lambda p: hessfree.eigsh(hessfree.hessian(f, p, *args), 1, key=key, tol=tol),
+        "fixed": lambda _: hessfree.eigsh(fixed_op, 1, key=key, tol=tol),
+    }
+    samples: dict[str, dict[str, Any]] = {
+        name: {"times": [], "hvps": [], "compiles": 0} for name in variants
+    }
+    for i, p in enumerate(points):
+        for name, fn in variants.items():  # interleaved, so load drift hits both alike
+            before = len(COMPILES)
+            start = time.perf_counter()
+            result = jax.block_until_ready(fn(p))
+            elapsed = time.perf_counter() - start
+            if i > 0:
+                samples[name]["times"].append(elapsed)
+                samples[name]["hvps"].append(int(result.num_matvecs))
+                samples[name]["compiles"] += len(COMPILES) - before
+    row: dict[str, Any] = {"rebuilds": rebuilds, "tol": tol}
+    for name, sample in samples.items():
+        row[f"{name}_s"] = statistics.median(sample["times"])
+        row[f"{name}_hvps"] = statistics.median(sample["hvps"])
+        row[f"{name}_compiles_after_first"] = sample["compiles"]
+    row["ratio"] = row["rebuilt_s"] / row["fixed_s"]
+    row["ratio_per_hvp"] = (row["rebuilt_s"] / row["rebuilt_hvps"]) / (
+        row["fixed_s"] / row["fixed_hvps"]
+    )
+    return row
+
+
 def trace_errors(A: Any, exact: float, budgets: list[int], seeds: int) -> list[dict[str, Any]]:
     """Mean relative error over seeds of both estimators at each HVP budget."""
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
@@ -103,7 +162,9 @@ def trace_errors(A: Any, exact: float, budgets: list[int], seeds: int) -> list[d
         row: dict[str, Any] = {"hvps": budget, "exact": exact}
         for method in ("hutchinson", "hutch++"):
             values = jax.vmap(
-                lambda key, m=method, b=budget: hessfree.trace(A, key, num_probes=b, method=m).value
+                lambda key, m=method, b=budget: (
+                    hessfree.trace(A, key=key, num_probes=b, method=m).value
+                )
             )(keys)
             row[method] = float(np.mean(np.abs(np.asarray(values) - exact)) / abs(exact))
         row["ratio"] = row["hutchinson"] / row["hutch++"]
@@ -194,6 +255,24 @@ def main() -> None:
             f"{r['hessfree_s']:>11.3f} {r['scipy_s']:>9.3f} {r['speedup']:>8.2f} {r['max_rel_diff']:>13.1e}"
         )
 
+    loop = bench_eigsh_loop(workload, tol)
+    print(
+        f"\neigsh k=1 in a loop, tol = {tol:g}: hessian rebuilt at each of {loop['rebuilds']} "
+        "SGD iterates vs. one fixed operator (median per call after the first)"
+    )
+    print(
+        f"{'operator':>9} {'s/call':>8} {'HVPs':>6} {'compiles after 1st':>19}"
+        f" {'ratio rebuilt/fixed':>20} {'per HVP':>8}"
+    )
+    for name in ("fixed", "rebuilt"):
+        ratios = (
+            f" {loop['ratio']:>20.2f} {loop['ratio_per_hvp']:>8.2f}" if name == "rebuilt" else ""
+        )
+        print(
+            f"{name:>9} {loop[f'{name}_s']:>8.3f} {loop[f'{name}_hvps']:>6g} "
+            f"{loop[f'{name}_compiles_after_first']:>19}{ratios}"
+        )
+
     budgets = [6, 12, 24, 48] if args.quick else [6, 12, 24, 48, 96, 192, 384]
     seeds = 10 if args.quick else 40
     tr = bench_trace(budgets, seeds)
@@ -225,6 +304,7 @@ def main() -> None:
                 "quick": args.quick,
                 "repeats": repeats,
                 "eigsh": eig,
+                "eigsh_loop": loop,
                 "trace": tr,
                 "per_example": pe,
             },

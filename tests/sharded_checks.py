@@ -111,10 +111,39 @@ def hvp_matches_unsharded_and_keeps_sharding():
             assert_close(out, reference)
             if "Explicit" in name:  # explicit axes carry the sharding in the types
                 assert_same_sharding(out, params)
-            hv = hf.hvp_fn(w.f, params, inputs, labels)
-            out = hv(v)
-            assert_close(out, reference)
-            assert_same_sharding(out, params)
+            for cache in (True, False):
+                out = hf.hvp_fn(w.f, params, inputs, labels, cache=cache)(v)
+                assert_close(out, reference)
+                assert_same_sharding(out, params)
+
+
+@check
+def hvp_fn_keeps_sharding_on_auto_axes():
+    """hvp_fn's products land where the parameters live, as hvp's do."""
+    w = problem()
+    v0 = ones_like_tree(w.x)
+    for name, mesh in meshes():
+        if "Auto" not in name:
+            continue
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            v = jax.tree_util.tree_map(lambda a, p: jax.device_put(a, p.sharding), v0, params)
+            for cache in (True, False):
+                assert_same_sharding(hf.hvp_fn(w.f, params, inputs, labels, cache=cache)(v), params)
+
+
+@check
+def operator_mv_keeps_sharding_on_auto_axes():
+    """CurvatureOperator.mv lands where the parameters live on Auto axes."""
+    w = problem()
+    v0 = ones_like_tree(w.x)
+    for name, mesh in meshes():
+        if "Auto" not in name:
+            continue
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            v = jax.tree_util.tree_map(lambda a, p: jax.device_put(a, p.sharding), v0, params)
+            assert_same_sharding(hf.hessian(w.f, params, inputs, labels).mv(v), params)
 
 
 @check
@@ -192,18 +221,26 @@ def eigsh_and_trace_match_unsharded():
     w = problem()
     key = jax.random.PRNGKey(1)
     op0 = hf.ggn(w.model, "softmax_cross_entropy", w.x, *w.args)
-    vals0, _ = hf.eigsh(op0, k=2, key=key)
-    tr0 = hf.trace(op0, key, num_probes=8)
-    diag0 = hf.diagonal(op0, key, num_probes=4)
+    eig0 = hf.eigsh(op0, k=2, key=key)
+    assert bool(eig0.success), eig0.message
+    tr0 = hf.trace(op0, key=key, num_probes=8)
+    diag0 = hf.diagonal(op0, key=key, num_probes=4)
     for _, mesh in meshes():
         with jax.set_mesh(mesh):
             params, inputs, labels = shard_problem(w, mesh)
             op = hf.ggn(w.model, "softmax_cross_entropy", params, inputs, labels)
-            vals, _ = hf.eigsh(op, k=2, key=key)
-            np.testing.assert_allclose(np.asarray(vals), np.asarray(vals0), rtol=1e-7)
-            tr = hf.trace(op, key, num_probes=8)
+            eig = hf.eigsh(op, k=2, key=key)
+            assert bool(eig.success), eig.message
+            np.testing.assert_allclose(
+                np.asarray(eig.eigenvalues), np.asarray(eig0.eigenvalues), rtol=1e-7
+            )
+            tr = hf.trace(op, key=key, num_probes=8)
             np.testing.assert_allclose(float(tr.value), float(tr0.value), rtol=1e-9)
-            assert_close(hf.diagonal(op, key, num_probes=4), diag0, rtol=1e-9)
+            np.testing.assert_allclose(float(tr.stderr), float(tr0.stderr), rtol=1e-7)
+            assert int(tr.num_matvecs) == int(tr0.num_matvecs) == 8
+            diag = hf.diagonal(op, key=key, num_probes=4)
+            assert_close(diag.value, diag0.value, rtol=1e-9)
+            assert int(diag.num_matvecs) == int(diag0.num_matvecs) == 4
 
 
 @check
@@ -214,7 +251,10 @@ def cg_and_minimize_match_unsharded_without_host_transfer():
     x_ref = hf.cg(op0, b0, rtol=1e-10).x
 
     def objective(p, inputs, labels):  # L2-regularized: a unique, well-conditioned minimizer
-        return w.f(p, inputs, labels) + 1e-2 * hf._products.tree_vdot(p, p)
+        # elementwise, then summed: a dot over a sharded axis would need an out_sharding
+        return w.f(p, inputs, labels) + 1e-2 * sum(
+            jnp.sum(a * a) for a in jax.tree_util.tree_leaves(p)
+        )
 
     ref = hf.minimize(objective, w.x, *w.args, method="trust-ncg", gtol=1e-7)
     ref_ncg = hf.minimize(objective, w.x, *w.args, method="newton-cg", gtol=1e-7)
@@ -258,7 +298,7 @@ def lanczos_and_density_match_unsharded():
     op0 = hf.ggn(w.model, "softmax_cross_entropy", w.x, *w.args)
     v0 = ones_like_tree(w.x)
     lz0 = hf.lanczos(op0, v0, 8)
-    grid0, density0 = hf.spectral_density(op0, key, num_probes=2, num_steps=8, num_points=50)
+    dens0 = hf.spectral_density(op0, key=key, num_probes=2, num_steps=8, num_points=50)
     for name, mesh in meshes():
         with jax.set_mesh(mesh):
             params, inputs, labels = shard_problem(w, mesh)
@@ -270,9 +310,12 @@ def lanczos_and_density_match_unsharded():
             assert_close(lz.basis, lz0.basis, rtol=1e-8)
             if "Explicit" in name:  # the basis keeps the parameters' layout
                 assert_same_sharding(lz.basis, params, batched=True)
-            grid, density = hf.spectral_density(op, key, num_probes=2, num_steps=8, num_points=50)
-            np.testing.assert_allclose(np.asarray(grid), np.asarray(grid0), rtol=1e-9)
-            np.testing.assert_allclose(np.asarray(density), np.asarray(density0), rtol=1e-7)
+            dens = hf.spectral_density(op, key=key, num_probes=2, num_steps=8, num_points=50)
+            np.testing.assert_allclose(np.asarray(dens.grid), np.asarray(dens0.grid), rtol=1e-9)
+            np.testing.assert_allclose(
+                np.asarray(dens.density), np.asarray(dens0.density), rtol=1e-7
+            )
+            assert int(dens.num_matvecs) == int(dens0.num_matvecs)
 
 
 @check
@@ -285,7 +328,7 @@ def eigsh_program_has_no_host_transfer():
 
             def top(p, i, l, k):
                 op = hf.ggn(w.model, "softmax_cross_entropy", p, i, l)
-                return hf.eigsh(op, k=2, key=k)[0]
+                return hf.eigsh(op, k=2, key=k).eigenvalues
 
             text = jax.jit(top).lower(params, inputs, labels, key).compile().as_text()
             assert "while" in text  # the Lanczos loop is in the program

@@ -9,7 +9,7 @@ import pytest
 
 import hessfree as hf
 from helpers import dense_hessian
-from test_products import f_custom_vjp, f_flat, f_tree, tree_point
+from test_products import f_custom_vjp, f_custom_vjp_linear, f_flat, f_tree, tree_point
 
 
 def test_cost_reports_every_mode_and_grad():
@@ -38,6 +38,17 @@ def test_cost_marks_modes_a_custom_vjp_refuses():
     costs = hf.cost(f_custom_vjp, jnp.ones(5))
     assert costs["rev_rev"].error is None
     assert costs["rev_fwd"].error is not None and "forward-mode" in costs["rev_fwd"].error
+    # the jax-16049 pattern: no forward product at all, decided from the program
+    assert costs["fwd_rev"].error is not None
+    assert "TypeError" in costs["fwd_rev"].error and "custom_vjp" in costs["fwd_rev"].error
+    assert costs["fwd_rev"].flops is None and costs["rev_fwd"].flops is None
+    assert costs["rev_rev"].flops is not None and costs["rev_rev"].flops > 0
+
+
+def test_cost_of_a_custom_vjp_linearize_can_take():
+    costs = hf.cost(f_custom_vjp_linear, jnp.ones(5))
+    assert costs["fwd_rev"].error is None and costs["fwd_rev"].flops > 0
+    assert costs["rev_rev"].error is None
 
 
 def test_select_mode_returns_a_working_mode():
@@ -72,5 +83,9 @@ def test_select_mode_and_cost_check_arguments():
         hf.cost(lambda x: x, jnp.ones(3))
     with pytest.raises(TypeError, match="floating-point"):
         hf.select_mode(f_flat, jnp.arange(3))
-    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+    with pytest.raises(
+        ValueError, match=r"repeats must be an integer in \[1, 2\*\*31 - 1\]; got 0"
+    ):
         hf.select_mode(f_flat, jnp.ones(3), repeats=0)
+    with pytest.raises(TypeError, match="repeats must be a positive integer; got float"):
+        hf.select_mode(f_flat, jnp.ones(3), repeats=2.0)

@@ -315,8 +315,10 @@ def test_operator_errors():
         op.mv(bad)
     with pytest.raises(ValueError, match="leading batch axis"):
         op.mm(params)
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer in \[1, 2\*\*31 - 1\]"):
         op.mm(jax.tree_util.tree_map(lambda a: a[None], params), chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size must be a positive integer or None; got float"):
+        op.mm(jax.tree_util.tree_map(lambda a: a[None], params), chunk_size=1.5)
     with pytest.raises(TypeError, match="damping λ must be a scalar"):
         op + jnp.ones(3)
     with pytest.raises(TypeError, match="scale c must be a scalar"):
@@ -421,7 +423,11 @@ def test_ggn_errors():
         hf.ggn(model, 3, params, x, labels)
     with pytest.raises(ValueError, match=r"targets as integer labels must have shape \(6,\)"):
         hf.ggn(model, "softmax_cross_entropy", params, x, labels[:4])
-    with pytest.raises(ValueError, match=r"targets must have the shape of the outputs \(6, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets.* must have shape \(6, 3\) for outputs of shape \(6, 3\) \(loss 'mse'\); "
+        r"got shape \(6, 4\)",
+    ):
         hf.ggn(model, "mse", params, x, jnp.zeros((B, C + 1)))
     with pytest.raises(ValueError, match="outputs must have a leading batch axis"):
         hf.ggn(lambda p, xx: jnp.sum(model(p, xx)), "mse", params, x, jnp.zeros(()))
@@ -534,11 +540,11 @@ def test_fisher_errors():
         hf.fisher(model, params, x, likelihood="categorical", kind="true")
     with pytest.raises(ValueError, match='targets must be given for kind="empirical"'):
         hf.fisher(model, params, x, likelihood="categorical", kind="empirical")
-    with pytest.raises(ValueError, match=r'key must be a jax\.random key for kind="mc"'):
+    with pytest.raises(ValueError, match=r"fisher\(kind='mc'\) needs key= \(a jax\.random key"):
         hf.fisher(model, params, x, likelihood="categorical", kind="mc")
     with pytest.raises(TypeError, match=r"key must be a jax\.random key"):
         hf.fisher(model, params, x, likelihood="categorical", kind="mc", key=jnp.ones(3))
-    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+    with pytest.raises(ValueError, match=r"num_samples must be an integer in \[1, 2\*\*31 - 1\]"):
         hf.fisher(
             model,
             params,
@@ -548,14 +554,25 @@ def test_fisher_errors():
             key=jax.random.PRNGKey(0),
             num_samples=0,
         )
-    with pytest.raises(ValueError, match=r"targets must have the shape of the outputs \(6, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets.* must have shape \(6, 3\) for outputs of shape \(6, 3\) "
+        r"\(loss 'mse'\); got shape \(6,\)",
+    ):
         hf.fisher(model, params, x, likelihood="gaussian", kind="empirical", targets=jnp.zeros(B))
     with pytest.raises(ValueError, match="outputs must have a leading batch axis"):
         hf.fisher(lambda p, xx: jnp.sum(model(p, xx)), params, x, likelihood="gaussian")
     with pytest.raises(ValueError, match=r"logits\) of shape \(B, ..., C\)"):
         hf.fisher(lambda p, xx: model(p, xx)[:, 0], params, x, likelihood="categorical")
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer in \[1, 2\*\*31 - 1\]"):
         hf.fisher(model, params, x, likelihood="categorical", chunk_size=-1)
+    with pytest.raises(TypeError, match="chunk_size must be a positive integer or None; got float"):
+        hf.fisher(model, params, x, likelihood="categorical", chunk_size=1.5)
+    with pytest.raises(TypeError, match="num_samples must be a positive integer; got float"):
+        hf.fisher(
+            model, params, x, likelihood="categorical", kind="mc", key=jax.random.key(0),
+            num_samples=2.0,
+        )  # fmt: skip
 
 
 def bernoulli_mc_error_scale(params, x):
@@ -673,3 +690,103 @@ def test_operators_cross_jit_and_vmap_boundaries():
 
 def flat_jax(tree):
     return ravel_pytree(tree)[0]
+
+
+# --- 0.2: `label`, and out-of-range targets refused (concrete) or NaN (under jit) --------------
+
+
+def test_label_replaces_kind():
+    params = make_params()
+    x, labels = make_data()
+    assert hf.hessian(f_loss, params, x, labels).label == "hessian"
+    assert hf.ggn(model, "mse", params, x, targets_for("mse", labels)).label == "ggn (mse)"
+    F = hf.fisher(model, params, x, likelihood="categorical")
+    assert F.label == "fisher (exact, categorical)"
+    assert (2.0 * F + 1.0).label == F.label  # algebra keeps the label
+    assert jax.jit(lambda o: o)(F).label == F.label  # static across jit
+    assert not hasattr(F, "kind")
+    mine = hf.CurvatureOperator(lambda v: v, params, label="identity", psd=True)
+    assert mine.label == "identity" and "identity" in repr(mine)
+    np.testing.assert_allclose(mine.to_dense(), np.eye(mine.shape[0]), rtol=0)
+    with pytest.raises(TypeError, match="kind"):
+        hf.CurvatureOperator(lambda v: v, params, kind="identity")
+
+
+_SOFTMAX_RANGE = r"targets for loss 'softmax_cross_entropy' must be integer labels in \[0, C\)"
+_BERNOULLI_RANGE = r"targets for loss 'sigmoid_cross_entropy' must be numbers in \[0, 1\]"
+
+
+def _bad_targets():
+    _, labels = make_data()
+    return {
+        "label >= C": ("softmax_cross_entropy", "categorical", labels.at[0].set(C), _SOFTMAX_RANGE),
+        "label < 0": ("softmax_cross_entropy", "categorical", labels.at[2].set(-1), _SOFTMAX_RANGE),
+        "bernoulli 2.0": (
+            "sigmoid_cross_entropy",
+            "bernoulli",
+            jnp.full((B, C), 0.5).at[1, 1].set(2.0),
+            _BERNOULLI_RANGE,
+        ),
+        "probabilities sum to 1.5": (
+            "softmax_cross_entropy",
+            "categorical",
+            jnp.full((B, C), 0.5),
+            r"probabilities \(nonnegative, summing to 1 over the last axis\)",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["label >= C", "label < 0", "bernoulli 2.0", "probabilities sum to 1.5"]
+)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_out_of_range_concrete_targets_are_refused(case, chunk_size):
+    loss, likelihood, targets, match = _bad_targets()[case]
+    params = make_params()
+    x, _ = make_data()
+    with pytest.raises(ValueError, match=match):
+        hf.ggn(model, loss, params, x, targets, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=match):
+        hf.ggn(model, loss, params, x, np.asarray(targets), chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=match):
+        hf.fisher(
+            model, params, x, likelihood=likelihood, kind="empirical", targets=targets,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", ["label >= C", "label < 0", "bernoulli 2.0", "probabilities sum to 1.5"]
+)
+def test_out_of_range_traced_targets_make_products_nan(case):
+    loss, likelihood, targets, _ = _bad_targets()[case]
+    params = make_params()
+    x, labels = make_data()
+    good = (
+        labels
+        if loss == "softmax_cross_entropy" and targets.ndim == 1
+        else targets_for(loss, labels)
+    )
+    if case == "probabilities sum to 1.5":
+        good = jax.nn.one_hot(labels, C, dtype=jnp.float64)
+    v = random_like(jax.random.PRNGKey(13), params)
+
+    @jax.jit
+    def ggn_mv(t):
+        return hf.ggn(model, loss, params, x, t).mv(v)
+
+    @jax.jit
+    def empirical_mv(t):
+        return hf.fisher(model, params, x, likelihood=likelihood, kind="empirical", targets=t).mv(v)
+
+    assert np.all(np.isnan(flat(ggn_mv(targets))))
+    assert np.all(np.isnan(flat(empirical_mv(targets))))
+    # the same compiled programs with valid targets: finite, and equal to the dense reference
+    np.testing.assert_allclose(flat(ggn_mv(good)), ref_ggn(loss) @ flat(v), rtol=1e-10, atol=1e-12)
+    assert np.all(np.isfinite(flat(empirical_mv(good))))
+    # an operator built inside jit with bad targets carries the NaN out
+    op = jax.jit(lambda t: hf.ggn(model, loss, params, x, t))(targets)
+    assert np.all(np.isnan(flat(op.mv(v))))
+    # a solver fed such an operator reports non-finite instead of a silent number
+    res = hf.cg(op + 1.0, v)
+    assert int(res.status) == 3 and not bool(res.success)

@@ -94,10 +94,18 @@ def test_errors_name_the_argument():
     params = init()
     with pytest.raises(ValueError, match="same leading axis B"):
         per_example_grad_norms(loss, params, {"x": BATCH["x"], "y": BATCH["y"][:5]})
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer or None; got 0"):
+    with pytest.raises(
+        ValueError, match=r"chunk_size must be an integer in \[1, 2\*\*31 - 1\]; got 0"
+    ):
         per_example_grad_norms(loss, params, BATCH, chunk_size=0)
-    with pytest.raises(ValueError, match="loss must return a scalar"):
+    with pytest.raises(TypeError, match="chunk_size must be a positive integer or None; got float"):
+        per_example_vhv(loss, params, BATCH, params, chunk_size=1.5)
+    with pytest.raises(ValueError, match="example_loss must return a scalar"):
         per_example_grad_norms(lambda p, e: e["x"] @ p["w1"], params, BATCH)
+    with pytest.raises(ValueError, match="example_loss must return a scalar"):
+        per_example_vhv(lambda p, e: e["x"] @ p["w1"], params, BATCH, params)
+    with pytest.raises(TypeError, match="example_loss must be callable"):
+        per_example_grad_norms("loss", params, BATCH)
     with pytest.raises(ValueError, match="v must have the same tree structure as params"):
         per_example_vhv(loss, params, BATCH, {"w1": params["w1"]})
     with pytest.raises(TypeError, match="params must have floating-point leaves"):
@@ -181,3 +189,30 @@ def test_vhv_every_entry_when_b_is_not_a_multiple_of_chunk_size(chunk_size, dtyp
         np.asarray(got, np.float64), expected, rtol=tol["rtol"], atol=tol["atol"] * scale
     )
     assert len(np.unique(np.round(expected, 6))) == B_ODD
+
+
+# --- 0.2: the function is `example_loss`; complex tangents and non-array leaves refused ------
+
+
+def test_example_loss_keyword():
+    params = init()
+    v = random_like(jax.random.PRNGKey(3), params)
+    by_keyword = per_example_grad_norms(example_loss=loss, params=params, batch=BATCH)
+    np.testing.assert_allclose(by_keyword, per_example_grad_norms(loss, params, BATCH), rtol=0)
+    vhv = per_example_vhv(example_loss=loss, params=params, batch=BATCH, v=v)
+    np.testing.assert_allclose(vhv, per_example_vhv(loss, params, BATCH, v), rtol=0)
+    with pytest.raises(TypeError, match="loss"):
+        per_example_grad_norms(loss=loss, params=params, batch=BATCH)
+
+
+def test_complex_direction_and_non_array_leaves_are_refused():
+    params = init()
+    v = jax.tree_util.tree_map(lambda a: a.astype(jnp.complex128), params)
+    with pytest.raises(TypeError, match=r"v must have floating-point leaves.*complex"):
+        per_example_vhv(loss, params, BATCH, v)
+    with_fn = {**params, "act": jnp.tanh}
+    hint = r"params must be a pytree of arrays; leaf \['act'\].*eqx\.partition.*nnx\.split"
+    with pytest.raises(TypeError, match=hint):
+        per_example_grad_norms(loss, with_fn, BATCH)
+    with pytest.raises(TypeError, match=hint):
+        per_example_vhv(loss, with_fn, BATCH, with_fn)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hessfree import plot
-from hessfree._cli.spectrum import run_spectrum
+from hessfree._cli.analysis import run_spectrum
 
 
 def test_plot_spectrum_writes_a_nonempty_png(tmp_path):

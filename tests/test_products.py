@@ -311,8 +311,17 @@ def test_error_hvps_batch_axis():
         hf.hvps(f, x, x)
     with pytest.raises(ValueError, match=r"same leading batch size; leaf \['b'\] has 4"):
         hf.hvps(f, x, {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 2))})
-    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer or None; got 0"):
-        hf.hvps(f, x, {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 2))}, chunk_size=0)
+    vs = {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 2))}
+    with pytest.raises(
+        ValueError, match=r"chunk_size must be an integer in \[1, 2\*\*31 - 1\]; got 0"
+    ):
+        hf.hvps(f, x, vs, chunk_size=0)
+    with pytest.raises(
+        TypeError, match=r"chunk_size must be a positive integer or None; got float"
+    ):
+        hf.hvps(f, x, vs, chunk_size=1.5)
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer in \[1, 2\*\*31 - 1\]"):
+        hf.hvps(f, x, vs, chunk_size=2**31)
 
 
 def test_error_hvp_fn_checks_v():
@@ -407,3 +416,132 @@ def test_auto_compiles_to_the_hand_written_jvp_of_grad_program(name):
         "attention": lambda: attention_block(batch=2, seq=4, d_model=8),
     }
     assert same_program(small[name]())
+
+
+# --- 0.2: complex tangents and non-array leaves are refused ----------------------------------
+
+
+def _quartic(p):
+    return jnp.sum(p["w"] ** 4) / 12
+
+
+def test_complex_tangents_are_refused():
+    x = {"w": jnp.array([1.0, 2.0])}
+    v = {"w": jnp.array([1.0 + 1.0j, 0.5j])}
+    with pytest.raises(TypeError, match=r"v must have floating-point leaves.*\['w'\].*complex"):
+        hf.hvp(_quartic, x, v)
+    with pytest.raises(TypeError, match=r"v must have floating-point leaves.*complex"):
+        jax.jit(lambda v: hf.hvp(_quartic, x, v))(v)
+    with pytest.raises(TypeError, match=r"vs must have floating-point leaves.*\['w'\].*complex"):
+        hf.hvps(_quartic, x, jax.tree_util.tree_map(lambda a: a[None], v))
+    for cache in (True, False):
+        with pytest.raises(TypeError, match=r"v must have floating-point leaves.*complex"):
+            hf.hvp_fn(_quartic, x, cache=cache)(v)
+    with pytest.raises(TypeError, match=r"x must have floating-point leaves.*complex"):
+        hf.hvp(_quartic, v, v)
+    # the real part alone is fine: diag(x²) v
+    out = hf.hvp(_quartic, x, {"w": jnp.array([1.0, 0.0])})
+    np.testing.assert_allclose(out["w"], [1.0, 0.0], rtol=1e-12)
+
+
+def test_non_array_leaf_points_to_partition():
+    x = {"w": jnp.ones(2), "act": jnp.tanh}
+
+    def f(p):
+        return jnp.sum(p["act"](p["w"]) ** 2)
+
+    hint = r"leaf \['act'\].*not an array.*eqx\.partition.*nnx\.split"
+    v = {"w": jnp.ones(2), "act": jnp.tanh}
+    with pytest.raises(TypeError, match=r"x must be a pytree of arrays; " + hint):
+        hf.hvp(f, x, v)
+    with pytest.raises(TypeError, match=r"x must be a pytree of arrays; " + hint):
+        hf.hvps(f, x, {"w": jnp.ones((3, 2)), "act": jnp.tanh})
+    with pytest.raises(TypeError, match=r"x must be a pytree of arrays; " + hint):
+        hf.hvp_fn(f, x)
+    with pytest.raises(TypeError, match=r"x must be a pytree of arrays; " + hint):
+        hf.hvp_fn(f, x, cache=False)(v)
+    with pytest.raises(TypeError, match=hint):
+        hf.hessian(f, x)
+    with pytest.raises(TypeError, match=hint):
+        hf.minimize(f, x)
+
+
+# --- 0.2: forward mode through custom_vjp is decided from the program ------------------------
+
+
+def test_forward_mode_decided_by_the_program_16049_pattern():
+    """(1) The jax-16049 custom_vjp (its forward rule calls the primal): no forward product
+    exists, auto falls back to reverse-over-reverse and still equals the dense reference."""
+    from hessfree._products import forward_product, has_custom_vjp
+
+    x = jnp.linspace(-1.0, 1.0, 5)
+    v = jnp.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    assert has_custom_vjp(f_custom_vjp, x, ())
+    assert forward_product(f_custom_vjp, x, ()) is None
+    ref = dense_hessian(_plain(f_custom_vjp), x) @ np.asarray(v)
+    eager = hf.hvp(f_custom_vjp, x, v)
+    jitted = jax.jit(lambda x, v: hf.hvp(f_custom_vjp, x, v))(x, v)
+    vs = jnp.stack([v, -v, 2 * v])
+    mapped = jax.vmap(lambda u: hf.hvp(f_custom_vjp, x, u))(vs)
+    for out in (eager, jitted):
+        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(mapped, np.stack([ref, -ref, 2 * ref]), rtol=1e-10, atol=1e-12)
+
+    # the same custom_vjp nested in a jit, a scan or a cond is found as well
+    def scanned(z):
+        return (
+            jax.lax.scan(lambda c, zi: (c + _softplus_cv(zi) ** 2, None), 0.0, z)[0]
+            + jnp.sum(z**3) / 3
+        )
+
+    for g in (jax.jit(f_custom_vjp), scanned):
+        assert has_custom_vjp(g, x, ()) and forward_product(g, x, ()) is None
+        np.testing.assert_allclose(hf.hvp(g, x, v), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_refused_on_the_16049_pattern_names_custom_vjp():
+    x = jnp.linspace(-1.0, 1.0, 5)
+    match = r"mode 'fwd_rev' needs forward-mode autodiff, which cannot go through a jax\.custom_vjp"
+    with pytest.raises(TypeError, match=match):
+        hf.hvp(f_custom_vjp, x, x, mode="fwd_rev")
+    with pytest.raises(TypeError, match=match):
+        jax.jit(lambda z: hf.hvp(f_custom_vjp, z, z, mode="fwd_rev"))(x)
+    with pytest.raises(TypeError, match=match):
+        hf.hvps(f_custom_vjp, x, x[None], mode="fwd_rev")
+    with pytest.raises(TypeError, match=match):
+        hf.hvp_fn(f_custom_vjp, x, mode="fwd_rev")
+    with pytest.raises(TypeError, match=match):
+        hf.hessian(f_custom_vjp, x, mode="fwd_rev")
+
+
+def test_forward_mode_chosen_where_linearize_handles_the_custom_vjp():
+    """(2) A custom_vjp that jax.linearize can take: a forward product is chosen, and
+    fwd_rev works and equals the dense reference."""
+    from hessfree._products import _linearized_grad, forward_product, has_custom_vjp
+
+    x = jnp.linspace(-1.0, 1.0, 5)
+    v = jnp.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    assert has_custom_vjp(f_custom_vjp_linear, x, ())
+    product = forward_product(f_custom_vjp_linear, x, ())
+    assert product is not None and product is _linearized_grad
+    ref = dense_hessian(_plain(f_custom_vjp_linear), x) @ np.asarray(v)
+    np.testing.assert_allclose(product(f_custom_vjp_linear, x, v, ()), ref, rtol=1e-10)
+    for mode in ("fwd_rev", "auto"):
+        out = jax.jit(lambda z, u, m=mode: hf.hvp(f_custom_vjp_linear, z, u, mode=m))(x, v)
+        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            hf.hvp_fn(f_custom_vjp_linear, x, mode=mode)(v), ref, rtol=1e-10, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_mode_without_custom_vjp_is_plain_jvp_of_grad(case):
+    """(3) No custom_vjp in the program: jvp(grad f), nothing else is tried."""
+    from hessfree._products import _jvp_of_grad, forward_product, has_custom_vjp, product_for
+
+    f, make = CASES[case]
+    x, args = make(jnp.float64)
+    assert has_custom_vjp(f, x, args) is False
+    assert forward_product(f, x, args) is _jvp_of_grad
+    assert product_for("auto", f, x, args) is _jvp_of_grad
+    assert product_for("fwd_rev", f, x, args) is _jvp_of_grad

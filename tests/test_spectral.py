@@ -45,16 +45,23 @@ def assert_eigenpairs(matrix, values, vectors, rtol):
 
 @pytest.mark.parametrize(("which", "k"), [("LA", 1), ("LA", 4), ("SA", 3), ("LM", 3)])
 def test_eigsh_matches_eigh_with_negative_and_clustered_eigenvalues(which, k):
-    values, vectors, info = eigsh(A, k, which=which, key=KEY, return_info=True)
+    res = eigsh(A, k, which=which, key=KEY)
+    assert isinstance(res, hessfree.EigshResult)
+    values, vectors = res.eigenvalues, res.eigenvectors
     np.testing.assert_allclose(values, reference(SPECTRUM, k, which), rtol=1e-10, atol=1e-10)
-    assert bool(info.converged)
+    assert bool(res.success) and int(res.status) == 0
+    assert res.message == hessfree.STATUS_MESSAGES[0]
+    assert res.residuals.shape == (k,) and np.all(
+        np.asarray(res.residuals) <= 1e-7 * np.abs(values)
+    )
     assert_eigenpairs(A, values, vectors, rtol=1e-7)
     assert np.all(np.diff(np.asarray(values)) > 0)  # ascending, as scipy
 
 
 def test_eigsh_uses_fewer_products_than_arpack_at_the_same_tolerance():
     tol = 1e-8
-    _, _, info = eigsh(A, 4, key=KEY, tol=tol, return_info=True)
+    info = eigsh(A, 4, key=KEY, tol=tol)
+    assert bool(info.success)
     calls = []
 
     def matvec(x):
@@ -67,21 +74,27 @@ def test_eigsh_uses_fewer_products_than_arpack_at_the_same_tolerance():
 
 
 def test_eigsh_thick_restarts_until_converged():
-    values, vectors, info = eigsh(A, 2, key=KEY, num_steps=6, tol=1e-10, return_info=True)
-    assert int(info.num_restarts) > 0 and bool(info.converged)
+    info = eigsh(A, 2, key=KEY, num_steps=6, tol=1e-10)
+    values, vectors = info.eigenvalues, info.eigenvectors
+    # more products than one basis holds: it restarted
+    assert int(info.num_matvecs) > 6 and bool(info.success) and int(info.status) == 0
     np.testing.assert_allclose(values, reference(SPECTRUM, 2, "LA"), rtol=1e-12)
     assert_eigenpairs(A, values, vectors, rtol=1e-9)
 
 
-def test_eigsh_warns_and_reports_when_not_converged():
-    with pytest.warns(RuntimeWarning, match="did not reach tol"):
-        _, _, info = eigsh(A, 2, key=KEY, num_steps=3, maxiter=1, tol=1e-14, return_info=True)
-    assert not bool(info.converged)
+def test_eigsh_reports_when_not_converged():
+    info = eigsh(A, 2, key=KEY, num_steps=3, maxiter=1, tol=1e-14)
+    assert not bool(info.success) and int(info.status) == 1
+    assert info.message == hessfree.STATUS_MESSAGES[1]
+    assert "Maximum number of iterations" in info.message
     assert np.all(np.isfinite(np.asarray(info.residuals)))
+    assert np.all(np.isfinite(np.asarray(info.eigenvalues)))
 
 
 def test_eigsh_float32_keeps_dtype_and_meets_default_tol():
-    values, vectors = eigsh(A.astype(jnp.float32), 2, key=KEY)
+    res = eigsh(A.astype(jnp.float32), 2, key=KEY)
+    values, vectors = res.eigenvalues, res.eigenvectors
+    assert bool(res.success)
     assert values.dtype == jnp.float32 and vectors.dtype == jnp.float32
     np.testing.assert_allclose(values, reference(SPECTRUM, 2, "LA"), rtol=1e-4)
     assert_eigenpairs(A, values, vectors, rtol=2e-3)
@@ -96,7 +109,8 @@ def test_eigsh_on_a_pytree_callable_under_jit():
 
     like = {"a": jnp.zeros(20), "b": jnp.zeros((8, 5))}
     assert 20 + 40 == n
-    values, vectors = jax.jit(lambda key: eigsh(matvec, 2, which="SA", key=key, like=like))(KEY)
+    res = jax.jit(lambda key: eigsh(matvec, 2, which="SA", key=key, like=like))(KEY)
+    values, vectors = res.eigenvalues, res.eigenvectors
     np.testing.assert_allclose(values, reference(SPECTRUM, 2, "SA"), rtol=1e-10)
     assert vectors["b"].shape == (2, 8, 5)
     flat_vectors = np.concatenate([vectors["a"], vectors["b"].reshape(2, -1)], axis=1)
@@ -106,8 +120,62 @@ def test_eigsh_on_a_pytree_callable_under_jit():
 def test_eigsh_vmaps_over_matrices():
     spectra = [np.linspace(-1.0, 1.0, 30) * s for s in (1.0, 2.0, 3.0)]
     stack = jnp.asarray(np.stack([with_spectrum(s, seed=i) for i, s in enumerate(spectra)]))
-    values, _ = jax.vmap(lambda m: eigsh(m, 1, key=KEY))(stack)
+    res = jax.vmap(lambda m: eigsh(m, 1, key=KEY))(stack)
+    values = res.eigenvalues
+    assert res.status.shape == (3,) and bool(jnp.all(res.success))
     np.testing.assert_allclose(values[:, 0], [1.0, 2.0, 3.0], rtol=1e-10)
+
+
+def top_vector(matrix):
+    w, q = np.linalg.eigh(np.asarray(matrix))
+    return w[-1], q[:, -1]
+
+
+def test_eigsh_warm_start_from_the_exact_eigenvector_needs_few_products():
+    lam, q = top_vector(A)
+    cold = eigsh(A, 1, key=KEY)
+    warm = eigsh(A, 1, v0=jnp.asarray(q))  # no key: v0 is the start
+    assert bool(cold.success) and bool(warm.success)
+    np.testing.assert_allclose(warm.eigenvalues, [lam], rtol=1e-12)
+    assert int(warm.num_matvecs) <= 2
+    assert 4 * int(warm.num_matvecs) <= int(cold.num_matvecs)
+    assert_eigenpairs(A, warm.eigenvalues, warm.eigenvectors, rtol=1e-7)
+    # the same with a key given
+    keyed = eigsh(A, 1, key=KEY, v0=jnp.asarray(q))
+    assert int(keyed.num_matvecs) == int(warm.num_matvecs)
+
+
+def test_eigsh_warm_start_tracks_a_slowly_changing_matrix_on_a_pytree():
+    # previous eigenvector as v0, as in a training loop; the matrix moved a little
+    _, q = top_vector(A)
+    moved = A + 1e-3 * jnp.asarray(with_spectrum(np.linspace(-1, 1, 60), seed=5))
+    lam_new, _ = top_vector(moved)
+
+    def matvec(v):
+        y = moved @ jnp.concatenate([v["a"], v["b"]])
+        return {"a": y[:20], "b": y[20:]}
+
+    v0 = {"a": jnp.asarray(q[:20]), "b": jnp.asarray(q[20:])}
+    warm = eigsh(matvec, 1, v0=v0)  # like taken from v0
+    cold = eigsh(matvec, 1, key=KEY, like=v0)
+    np.testing.assert_allclose(warm.eigenvalues, [lam_new], rtol=1e-10)
+    np.testing.assert_allclose(cold.eigenvalues, [lam_new], rtol=1e-10)
+    assert int(warm.num_matvecs) < int(cold.num_matvecs)
+
+
+def test_eigsh_v0_must_match_a():
+    with pytest.raises(ValueError, match="v0 must match the shapes"):
+        eigsh(A, 1, v0=jnp.ones(59))
+    with pytest.raises(ValueError, match="v0 must have the same tree structure"):
+        eigsh(A, 1, v0={"a": jnp.ones(60)})
+
+
+def test_lanczos_draws_its_start_from_a_key():
+    result = lanczos(A, None, 10, key=KEY)
+    V = np.asarray(result.basis)
+    np.testing.assert_allclose(V @ V.T, np.eye(10), atol=1e-12)
+    again = lanczos(A, None, 10, key=KEY)
+    np.testing.assert_array_equal(result.alphas, again.alphas)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +190,8 @@ def mlp():
 def test_eigsh_on_the_hessian_of_a_small_mlp(mlp):
     op, dense = mlp
     exact = np.linalg.eigvalsh(dense)
-    values, vectors = eigsh(op, 3, key=KEY)
+    res = eigsh(op, 3, key=KEY)
+    values, vectors = res.eigenvalues, res.eigenvectors
     np.testing.assert_allclose(values, exact[-3:], rtol=1e-9)
     flat_vectors = np.stack(
         [flat(jax.tree_util.tree_map(lambda x, i=i: x[i], vectors)) for i in range(3)]
@@ -133,7 +202,8 @@ def test_eigsh_on_the_hessian_of_a_small_mlp(mlp):
 def test_eigsh_with_exactly_repeated_eigenvalues_returns_no_nans():
     # three distinct eigenvalues: the Krylov space breaks down after three steps
     matrix = jnp.asarray(with_spectrum(np.repeat([-1.0, 2.0, 5.0], 10)))
-    values, vectors = eigsh(matrix, 1, which="SA", key=KEY)
+    res = eigsh(matrix, 1, which="SA", key=KEY)
+    values, vectors = res.eigenvalues, res.eigenvectors
     np.testing.assert_allclose(values, [-1.0], rtol=1e-10)
     assert np.all(np.isfinite(np.asarray(vectors)))
 
@@ -146,6 +216,7 @@ def test_lanczos_tridiagonalizes_with_an_orthonormal_basis():
         return {"u": y[:20], "w": y[20:].reshape(8, 5)}
 
     result = lanczos(matvec, v0, 25)
+    assert int(result.num_matvecs) == 25
     assert result.basis["w"].shape == (25, 8, 5)
     V = np.concatenate([result.basis["u"], result.basis["w"].reshape(25, -1)], axis=1)
     np.testing.assert_allclose(V @ V.T, np.eye(25), atol=1e-12)
@@ -166,9 +237,11 @@ def test_spectral_density_integrates_to_one_and_weighs_clusters_float32():
     fractions = {-2.0: 0.2, 1.0: 0.5, 5.0: 0.3}
     spectrum = np.concatenate([np.full(int(100 * f), c) for c, f in fractions.items()])
     matrix = jnp.asarray(with_spectrum(spectrum + 0.01 * RNG.normal(size=100)), jnp.float32)
-    grid, density = jax.jit(
-        lambda key: spectral_density(matrix, key, num_probes=30, num_steps=20, sigma=0.1)
+    res = jax.jit(
+        lambda key: spectral_density(matrix, key=key, num_probes=30, num_steps=20, sigma=0.1)
     )(KEY)
+    assert isinstance(res, hessfree.DensityResult) and int(res.num_matvecs) == 30 * 20
+    grid, density = res.grid, res.density
     assert density.dtype == jnp.float32
     grid, density = np.asarray(grid, np.float64), np.asarray(density, np.float64)
     assert grid.shape == density.shape == (1000,)
@@ -181,9 +254,9 @@ def test_spectral_density_integrates_to_one_and_weighs_clusters_float32():
 def test_spectral_density_of_a_hessian_in_chunks(mlp):
     op, dense = mlp
     exact = np.linalg.eigvalsh(dense)
-    grid, density = spectral_density(
-        op, KEY, num_probes=3, num_steps=30, num_points=200, chunk_size=2
-    )
+    res = spectral_density(op, key=KEY, num_probes=3, num_steps=30, num_points=200, chunk_size=2)
+    grid, density = res.grid, res.density
+    assert int(res.num_matvecs) == 3 * 30
     assert abs(float(jnp.trapezoid(density, grid)) - 1.0) < 1e-12
     # Ritz values of 30 steps reach the extreme eigenvalues; the grid covers them
     assert grid[0] <= exact[0] and grid[-1] >= exact[-1]
@@ -194,8 +267,12 @@ def test_errors_name_the_argument():
         eigsh(A, 61, key=KEY)
     with pytest.raises(ValueError, match=r"which must be one of \['LA', 'SA', 'LM'\]; got 'BE'"):
         eigsh(A, 1, which="BE", key=KEY)
-    with pytest.raises(ValueError, match="eigsh needs a random key"):
+    with pytest.raises(ValueError, match=r"eigsh needs key=.*\(or pass v0\); got None"):
         eigsh(A, 1)
+    with pytest.raises(ValueError, match=r"lanczos needs key=.*\(or pass v0\); got None"):
+        lanczos(A, None, 5)
+    with pytest.raises(TypeError, match=r"key must be a jax\.random key"):
+        eigsh(A, 1, key=0)
     with pytest.raises(ValueError, match="num_steps must exceed k"):
         eigsh(A, 3, key=KEY, num_steps=3)
     with pytest.raises(
@@ -206,9 +283,21 @@ def test_errors_name_the_argument():
         lanczos(A, jnp.ones(59), 5)
     with pytest.raises(ValueError, match="pass like="):
         eigsh(lambda v: v, 1, key=KEY)
-    with pytest.raises(ValueError, match="num_probes must be a positive integer; got 0"):
-        spectral_density(A, KEY, num_probes=0, num_steps=5)
-    with pytest.raises(ValueError, match="spectral_density needs a random key"):
-        spectral_density(A, None, num_probes=1, num_steps=5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sigma must be positive"):
-        spectral_density(A, KEY, num_probes=1, num_steps=5, sigma=0.0)
+    with pytest.raises(
+        ValueError, match=r"num_probes must be an integer in \[1, 2\*\*31 - 1\]; got 0"
+    ):
+        spectral_density(A, key=KEY, num_probes=0, num_steps=5)
+    with pytest.raises(ValueError, match="spectral_density needs key="):
+        spectral_density(A, key=None, num_probes=1, num_steps=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="positional"):
+        spectral_density(A, KEY, num_probes=1, num_steps=5)  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"sigma must be a finite number > 0\.0; got 0\.0"):
+        spectral_density(A, key=KEY, num_probes=1, num_steps=5, sigma=0.0)
+    with pytest.raises(ValueError, match="num_points must be at least 2; got 1"):
+        spectral_density(A, key=KEY, num_probes=1, num_steps=5, num_points=1)
+    with pytest.raises(TypeError, match="chunk_size must be a positive integer or None"):
+        spectral_density(A, key=KEY, num_probes=2, num_steps=5, chunk_size=1.5)
+    with pytest.raises(ValueError, match=r"tol must be a finite number > 0\.0"):
+        eigsh(A, 1, key=KEY, tol=0.0)
+    with pytest.raises(ValueError, match=r"maxiter must be an integer in \[1, 2\*\*31 - 1\]"):
+        eigsh(A, 1, key=KEY, maxiter=2**40)

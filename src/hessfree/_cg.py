@@ -20,6 +20,7 @@ from ._validation import (
     check_like,
     check_number,
     check_positive_int,
+    check_solver_dtype,
     describe_tree,
 )
 
@@ -128,13 +129,13 @@ def _identity(v: PyTree) -> PyTree:
 def _checked_precond(M: Any, b: PyTree) -> Callable[[PyTree], PyTree]:
     if M is None:
         return _identity
-    return tree_operator(M, b, "M").matvec
+    return tree_operator(M, b, "M", like_name="b").matvec
 
 
 def _cg_impl(
     A: Any, b: PyTree, x0: PyTree | None, M: Any, rtol: Any, atol: Any, *, maxiter: int, dense: bool
 ) -> CGResult:
-    op = tree_operator(A, None if dense else b)
+    op = tree_operator(A, None if dense else b, like_name="b")
     if dense and np.shape(b) != (op.size,):
         msg = (
             f"A is a dense matrix of shape {(op.size, op.size)}, so b must be a 1-D array of length "
@@ -211,18 +212,11 @@ def cg(
         Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems",
         J. Res. NBS 1952. Nocedal & Wright, Numerical Optimization, 2nd ed. 2006, ch. 5.
     """
-    check_floating(b, "b")
-    for leaf in jax.tree_util.tree_leaves(b):
-        if np.dtype(leaf.dtype) not in (np.float32, np.float64):
-            msg = (
-                f"b must be float32 or float64 (lower precision cannot reach a useful residual); "
-                f"got dtype {np.dtype(leaf.dtype)}. Cast it, e.g. with .astype(jnp.float32)."
-            )
-            raise TypeError(msg)
+    check_solver_dtype(b, "b")
     dense = is_dense(A)
-    tree_operator(A, None if dense else b)
+    tree_operator(A, None if dense else b, like_name="b")
     if M is not None:
-        tree_operator(M, b, "M")
+        tree_operator(M, b, "M", like_name="b")
     if x0 is not None:
         check_like(b, x0, "b", "x0")
         check_floating(x0, "x0")

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from . import _tree as tree
-from ._krylov import check_steps, lanczos_tree
+from ._krylov import lanczos_tree
 from ._linop import MatVec, tree_operator
 from ._results import DensityResult
 from ._staging import staged
-from ._validation import PyTree, check_key, check_number, check_positive_int
+from ._validation import PyTree, check_key, check_number, check_positive_int, check_steps
 
 
 def _quadrature(

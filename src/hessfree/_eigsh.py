@@ -9,18 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _tree as tree
-from ._krylov import check_steps, expand, ritz, start_basis
+from ._krylov import checked_start, expand, ritz, start_basis, start_vector
 from ._linop import MatVec, tree_operator
 from ._results import MAXITER, NONFINITE, SUCCESS, EigshResult
 from ._staging import staged
 from ._validation import (
     PyTree,
     check_choice,
-    check_floating,
-    check_key,
-    check_like,
     check_number,
     check_positive_int,
+    check_steps,
 )
 
 WHICH = ("LA", "SA", "LM")
@@ -145,13 +143,7 @@ def _eigsh_impl(
     maxiter: int,
 ) -> EigshResult:
     op = tree_operator(A, like)
-    k_start, k_run = jax.random.split(key)
-    if v0 is None:
-        v0 = tree.random_tree(k_start, op.zeros())
-    else:
-        check_like(op.structure, v0, "A's input", "v0")
-        check_floating(v0, "v0")
-        v0 = tree.cast_like(v0, op.structure)
+    v0, k_run = start_vector(op, v0, key)
     return eigsh_tree(op.matvec, v0, k, which, num_steps, tol, maxiter, k_run)
 
 
@@ -229,13 +221,7 @@ def eigsh(
         SIAM J. Matrix Anal. Appl. 22, 2000.
     """
     check_choice(which, WHICH, "which")
-    if v0 is None:
-        check_key(key, "eigsh", "its random start vector (or pass v0)")
-    elif key is not None:
-        check_key(key, "eigsh")
-    if like is None and v0 is not None and callable(A) and not hasattr(A, "in_structure"):
-        like = v0
-    n = tree.size(tree_operator(A, like).structure)
+    key, like, n = checked_start(A, v0, key, like, "eigsh")
     check_positive_int(k, "k")
     if k > n:
         msg = f"k must be at most the dimension n = {n} of A; got k = {k}"
@@ -249,6 +235,5 @@ def eigsh(
     dtype = tree.scalar_dtype(tree_operator(A, like).structure)
     tol = float(np.sqrt(np.finfo(dtype).eps)) if tol is None else tol
     check_number(tol, "tol", minimum=0.0, strict=True)
-    key = jax.random.PRNGKey(0) if key is None else key
     statics = {"k": k, "which": which, "num_steps": m, "tol": float(tol), "maxiter": maxiter}
     return staged(_eigsh_impl, A, like, v0, key, **statics)

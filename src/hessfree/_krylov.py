@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from . import _tree as tree
-from ._linop import MatVec, tree_operator
+from ._linop import MatVec, TreeOperator, tree_operator
 from ._results import LanczosResult
 from ._staging import staged
-from ._validation import PyTree, check_floating, check_key, check_like, check_positive_int
+from ._validation import PyTree, check_floating, check_key, check_like, check_steps
 
 
 def normalize(x: PyTree) -> tuple[PyTree, jax.Array]:
@@ -109,24 +109,35 @@ def lanczos_tree(
     return jnp.diagonal(H), betas, jax.tree_util.tree_map(lambda Vl: Vl[:m], V)
 
 
-def check_steps(num_steps: Any, n: int, name: str = "num_steps") -> None:
-    check_positive_int(num_steps, name)
-    if num_steps > n:
-        msg = f"{name} must be at most the dimension n = {n} of A; got {num_steps}"
-        raise ValueError(msg)
+def start_vector(op: TreeOperator, v0: PyTree | None, key: jax.Array) -> tuple[PyTree, jax.Array]:
+    """``(v0, key)``: the given start vector in A's dtypes, or one drawn from `key` (traced)."""
+    k_start, k_run = jax.random.split(key)
+    if v0 is None:
+        return tree.random_tree(k_start, op.zeros()), k_run
+    check_like(op.structure, v0, "A's input", "v0")
+    check_floating(v0, "v0")
+    return tree.cast_like(v0, op.structure), k_run
+
+
+def checked_start(
+    A: Any, v0: PyTree | None, key: Any, like: PyTree | None, fn: str
+) -> tuple[jax.Array, PyTree | None, int]:
+    """Eager checks shared by lanczos and eigsh: ``(key, like, n)``; a key is needed without v0."""
+    if v0 is None:
+        check_key(key, fn, "its random start vector (or pass v0)")
+    elif key is not None:
+        check_key(key, fn)
+    if like is None and v0 is not None and callable(A) and not hasattr(A, "in_structure"):
+        like = v0
+    n = tree.size(tree_operator(A, like).structure)  # checks A and like at once
+    return (jax.random.PRNGKey(0) if key is None else key), like, n
 
 
 def _lanczos_impl(
     A: Any, like: PyTree | None, v0: PyTree | None, key: Any, *, num_steps: int
 ) -> LanczosResult:
     op = tree_operator(A, like)
-    k_start, k_run = jax.random.split(key)
-    if v0 is None:
-        v0 = tree.random_tree(k_start, op.zeros())
-    else:
-        check_like(op.structure, v0, "A's input", "v0")
-        check_floating(v0, "v0")
-        v0 = tree.cast_like(v0, op.structure)
+    v0, k_run = start_vector(op, v0, key)
     alphas, betas, V = lanczos_tree(op.matvec, v0, num_steps, k_run)
     return LanczosResult(alphas, betas, V, jnp.asarray(num_steps, jnp.int32))
 
@@ -171,15 +182,8 @@ def lanczos(
         Lanczos, J. Res. Nat. Bur. Standards 45, 1950; Golub & Van Loan, Matrix
         Computations, 4th ed., §10.1.
     """
-    if v0 is None:
-        check_key(key, "lanczos", "its random start vector (or pass v0)")
-    elif key is not None:
-        check_key(key, "lanczos")
-    if like is None and v0 is not None and callable(A) and not hasattr(A, "in_structure"):
-        like = v0
-    op_struct = tree_operator(A, like).structure  # checks A and like at once
-    check_steps(num_steps, tree.size(op_struct))
-    key = jax.random.PRNGKey(0) if key is None else key
+    key, like, n = checked_start(A, v0, key, like, "lanczos")
+    check_steps(num_steps, n)
     return staged(_lanczos_impl, A, like, v0, key, num_steps=num_steps)
 
 

@@ -67,12 +67,12 @@ def is_dense(A: Any) -> bool:
     return isinstance(A, jax.Array | np.ndarray)
 
 
-def check_operator(A: Any, like: PyTree | None, name: str = "A") -> None:
+def check_operator(A: Any, like: PyTree | None, name: str = "A", like_name: str = "like") -> None:
     """Raise at once if `A` (with `like`) cannot be an operator (static information only)."""
     if callable(getattr(A, "mv", None)) and callable(getattr(A, "in_structure", None)):
         if like is not None:
-            check_floating(like, "like")
-            check_like(A.in_structure(), like, f"{name}'s input", "like")
+            check_floating(like, like_name)
+            check_like(A.in_structure(), like, f"{name}'s input", like_name)
         return
     if is_dense(A):
         shape = tuple(np.shape(A))
@@ -81,14 +81,14 @@ def check_operator(A: Any, like: PyTree | None, name: str = "A") -> None:
             raise ValueError(msg)
         check_floating(A, name)
         return
-    if callable(A):
+    if callable(A) or callable(getattr(A, "mv", None)):
         if like is None:
             msg = (
                 f"{name} is a plain callable, so its input structure is unknown: pass like=<a "
                 f"pytree shaped like the vectors {name} acts on> (e.g. the parameters)"
             )
             raise ValueError(msg)
-        check_floating(like, "like")
+        check_floating(like, like_name)
         return
     msg = (
         f"{name} must be a CurvatureOperator, a callable v -> A v (with like=), or a square "
@@ -97,14 +97,16 @@ def check_operator(A: Any, like: PyTree | None, name: str = "A") -> None:
     raise TypeError(msg)
 
 
-def tree_operator(A: Any, like: PyTree | None = None, name: str = "A") -> TreeOperator:
+def tree_operator(
+    A: Any, like: PyTree | None = None, name: str = "A", like_name: str = "like"
+) -> TreeOperator:
     """`A` (operator, callable + `like`, or dense matrix) as a product on pytrees.
 
     New vectors (start vectors, probes) copy the layout of `like` where given (possibly
     traced arrays: under explicit mesh axes their types carry the sharding), else of the
     operator's structure where it has shardings.
     """
-    check_operator(A, like, name)
+    check_operator(A, like, name, like_name)
     if like is not None:
         matvec, structure = getattr(A, "mv", A), tree.structure_of(like)
     elif callable(getattr(A, "in_structure", None)):

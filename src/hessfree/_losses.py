@@ -229,7 +229,9 @@ def check_targets(loss: Loss, outputs: Any, targets: Any, name: str = "targets")
         raise TypeError(msg)
     expected = out_shape[:-1] if loss.name == "softmax_cross_entropy" and integer else out_shape
     if t_shape != expected:
-        what = "integer labels" if expected != out_shape else "targets"
+        what = "integer labels" if integer and loss.name == "softmax_cross_entropy" else "targets"
+        if floating and loss.name == "softmax_cross_entropy":
+            what = "probabilities"
         msg = (
             f"{name} as {what} must have shape {expected} for outputs of shape {out_shape} "
             f"(loss {loss.name!r}); got shape {t_shape}"

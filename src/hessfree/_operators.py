@@ -31,7 +31,14 @@ from ._products import (
     with_remat,
 )
 from ._staging import staged
-from ._validation import PyTree, check_choice, check_floating, check_like, check_positive_int
+from ._validation import (
+    PyTree,
+    check_choice,
+    check_floating,
+    check_like,
+    check_positive_int,
+    check_real_scalar,
+)
 
 DENSE_LIMIT = 10_000
 
@@ -41,16 +48,6 @@ def _concrete_sign(value: Any) -> float | None:
     if isinstance(value, Tracer):
         return None
     return float(np.sign(np.asarray(value)))
-
-
-def _check_scalar(value: Any, name: str) -> None:
-    if isinstance(value, CurvatureOperator) or np.ndim(value) != 0:
-        msg = f"{name} must be a scalar (python or 0-d array); got {type(value).__name__} of shape {np.shape(value)}"
-        raise TypeError(msg)
-    dtype = jnp.result_type(value)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        msg = f"{name} must be a real scalar; got dtype {dtype}"
-        raise TypeError(msg)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -146,7 +143,7 @@ class CurvatureOperator:
 
         Compiled once per operator configuration and shapes (staged), whatever the values.
         """
-        return staged(_checked_apply, self, v)
+        return tree.keep_sharding(staged(_checked_apply, self, v), v)
 
     def __matmul__(self, v: PyTree) -> PyTree:
         return self.mv(v)
@@ -168,7 +165,7 @@ class CurvatureOperator:
         """``A + λ I`` (damping) for a scalar λ, possibly traced."""
         if isinstance(lam, CurvatureOperator):
             return NotImplemented
-        _check_scalar(lam, "damping λ")
+        check_real_scalar(lam, "damping λ")
         sign = _concrete_sign(lam)
         damping = lam if self.damping is None else self.damping + lam
         return self._replace(damping=damping, psd=self.psd and (sign is None or sign >= 0))
@@ -179,7 +176,7 @@ class CurvatureOperator:
         """``c A`` (scaling, damping scaled too) for a scalar c, possibly traced."""
         if isinstance(c, CurvatureOperator):
             return NotImplemented
-        _check_scalar(c, "scale c")
+        check_real_scalar(c, "scale c")
         sign = _concrete_sign(c)
         scale = c if self.scale is None else self.scale * c
         damping = None if self.damping is None else self.damping * c

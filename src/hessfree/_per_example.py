@@ -18,32 +18,20 @@ from ._products import has_custom_vjp, product_for
 from ._staging import staged
 from ._validation import (
     PyTree,
+    batch_size,
     check_floating,
     check_like,
     check_positive_int,
     check_scalar_fn,
-    describe_tree,
 )
 
 Loss = Callable[[PyTree, PyTree], jax.Array]
 
 
-def _batch_size(batch: PyTree) -> int:
-    leaves = jax.tree_util.tree_leaves(batch)
-    if not leaves:
-        msg = f"batch must contain at least one array; got {describe_tree(batch)}"
-        raise ValueError(msg)
-    shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
-    if any(not shape for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
-        msg = f"every leaf of batch must have the same leading axis B; got leaf shapes {shapes}"
-        raise ValueError(msg)
-    return int(shapes[0][0])
-
-
 def _check(example_loss: Any, params: PyTree, batch: PyTree) -> PyTree:
     """The static checks; returns one example's structure."""
     check_floating(params, "params")
-    _batch_size(batch)
+    batch_size(batch)
     example = jax.tree_util.tree_map(
         lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf)[1:], jnp.result_type(leaf)), batch
     )

@@ -242,7 +242,8 @@ class _CachedHvp:
         structure = jax.tree_util.tree_unflatten(self.treedef, self.leaves)
         check_like(structure, v, "x", "v")
         check_floating(v, "v")
-        return staged(_apply_linear, linear, tree.cast_like(v, structure))
+        out = staged(_apply_linear, linear, tree.cast_like(v, structure))
+        return tree.keep_sharding(out, v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +254,7 @@ class _UncachedHvp:
     mode: str
 
     def __call__(self, x: PyTree, args: tuple[Any, ...], v: PyTree) -> PyTree:
-        return staged(_hvp_impl, self.f, x, v, args, mode=self.mode)
+        return tree.keep_sharding(staged(_hvp_impl, self.f, x, v, args, mode=self.mode), x)
 
 
 # --- public ---------------------------------------------------------------------------------------

@@ -208,3 +208,49 @@ def check_callable(value: Any, name: str, signature: str) -> None:
     if not callable(value):
         msg = f"{name} must be callable as {signature}; got {type(value).__name__}"
         raise TypeError(msg)
+
+
+def check_steps(num_steps: Any, n: int, name: str = "num_steps") -> None:
+    """Raise unless `num_steps` is an integer in ``[1, n]`` (n the operator's dimension)."""
+    check_positive_int(num_steps, name)
+    if num_steps > n:
+        msg = f"{name} must be at most the dimension n = {n} of A; got {num_steps}"
+        raise ValueError(msg)
+
+
+def check_solver_dtype(tree: PyTree, name: str) -> None:
+    """Raise unless every leaf is float32 or float64 (lower precision cannot meet a tolerance)."""
+    check_floating(tree, name)
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if np.dtype(leaf.dtype) not in (np.float32, np.float64):
+            msg = (
+                f"{name} must be float32 or float64 (lower precision cannot reach a useful "
+                f"residual); got dtype {np.dtype(leaf.dtype)}. Cast it, e.g. .astype(jnp.float32)."
+            )
+            raise TypeError(msg)
+
+
+def check_real_scalar(value: Any, name: str) -> None:
+    """Raise TypeError unless `value` is a real scalar (a Python number or a 0-d array)."""
+    if np.ndim(value) != 0 or (
+        not hasattr(value, "__float__") and not isinstance(value, jax.Array)
+    ):
+        msg = f"{name} must be a scalar (python or 0-d array); got {type(value).__name__} of shape {np.shape(value)}"
+        raise TypeError(msg)
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        msg = f"{name} must be a real scalar; got dtype {dtype}"
+        raise TypeError(msg)
+
+
+def batch_size(batch: PyTree, name: str = "batch") -> int:
+    """The common leading axis B of every leaf of `batch` (ValueError if they disagree)."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        msg = f"{name} must contain at least one array; got {describe_tree(batch)}"
+        raise ValueError(msg)
+    shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+    if any(not shape for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
+        msg = f"every leaf of {name} must have the same leading axis B; got leaf shapes {shapes}"
+        raise ValueError(msg)
+    return int(shapes[0][0])

@@ -135,7 +135,7 @@ def bench(args: argparse.Namespace) -> int:
 def spectrum(args: argparse.Namespace) -> int:
     """Top eigenvalues, trace and spectral density of a small MLP's Hessian, with a figure."""
     try:
-        from .spectrum import run_spectrum
+        from .analysis import run_spectrum
     except ImportError as err:  # pragma: no cover - only before the analysis module lands
         _say(f"spectrum is not available: {err}")
         return 1
