@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
+import jax.core
 import numpy as np
 
 PyTree = Any
@@ -81,7 +82,7 @@ def staged(fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
 
 def cache_size() -> int:
     """Entries in the staging jit cache (for tests: it must not grow with calls)."""
-    return _trampoline._cache_size()
+    return _trampoline._cache_size()  # pyright: ignore[reportAttributeAccessIssue]
 
 
 # --- cached linear maps ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -227,7 +228,7 @@ def match_sharding(tree: PyTree, like: PyTree) -> PyTree:
 
     def one(leaf: Any, like_leaf: Any) -> Any:
         sharding = getattr(jax.typeof(like_leaf), "sharding", None)
-        if not explicit_axes(sharding):
+        if sharding is None or not explicit_axes(sharding):
             return leaf
         return jax.sharding.reshard(leaf, sharding.spec)
 
