@@ -58,8 +58,8 @@ def hvp_jvp_of_grad(x: jax.Array, A: jax.Array, v: jax.Array) -> jax.Array:
     Example:
         >>> import jax.numpy as jnp
         >>> A = jnp.array([[2.0, 0.0], [0.0, 3.0]])
-        >>> hvp_jvp_of_grad(jnp.ones(2), A, jnp.array([1.0, 0.0]))
-        Array([2., 0.], dtype=float32)
+        >>> hvp_jvp_of_grad(jnp.ones(2), A, jnp.array([1.0, 0.0])).tolist()
+        [2.0, 0.0]
 
     References:
         Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
@@ -87,8 +87,8 @@ def hvp_grad_of_grad(x: jax.Array, A: jax.Array, v: jax.Array) -> jax.Array:
     Example:
         >>> import jax.numpy as jnp
         >>> A = jnp.array([[2.0, 0.0], [0.0, 3.0]])
-        >>> hvp_grad_of_grad(jnp.ones(2), A, jnp.array([1.0, 0.0]))
-        Array([2., 0.], dtype=float32)
+        >>> hvp_grad_of_grad(jnp.ones(2), A, jnp.array([1.0, 0.0])).tolist()
+        [2.0, 0.0]
     """
     _check_seed_args(x, A, v)
     v = jnp.asarray(v, x.dtype)
