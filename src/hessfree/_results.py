@@ -15,6 +15,7 @@ import numpy as np
 PyTree = Any
 
 RUNNING, SUCCESS, MAXITER, PRECISION_LOSS, NONFINITE, SADDLE, NEGATIVE_CURVATURE = range(-1, 6)
+PRECONDITIONER_BREAKDOWN = 6
 
 STATUS_MESSAGES = {
     RUNNING: "Running: call step or advance again to continue.",
@@ -30,6 +31,8 @@ STATUS_MESSAGES = {
     "curvature here and no step along it decreased f.",
     NEGATIVE_CURVATURE: "Stopped at a direction of non-positive curvature (pᵀAp <= 0): A is not "
     "positive definite; the last iterate before that direction is returned.",
+    PRECONDITIONER_BREAKDOWN: "Preconditioner breakdown: rᵀMr <= 0 for a nonzero residual r, so "
+    "M is not positive definite; the last iterate is returned.",
 }
 
 
@@ -53,10 +56,14 @@ class CGResult(NamedTuple):
 
     Attributes:
         x: the solution estimate, like `b`; the last finite iterate on trouble.
-        status: 0 success, 1 maxiter, 3 non-finite product, 5 negative curvature.
-        success: ``status == 0``: ``‖b − A x‖ <= max(rtol·‖b‖, atol)``.
-        num_matvecs: products with A (one per iteration, plus one for `x0`).
-        residual_norm: ``‖b − A x‖₂`` of the returned `x` (recursively updated residual).
+        status: 0 success, 1 maxiter, 3 non-finite (input, product, residual or `x`),
+            5 negative curvature of A, 6 preconditioner breakdown (M not positive definite).
+        success: ``status == 0``: ``‖b − A x‖ <= max(rtol·‖b‖, atol)``, checked on the
+            residual recomputed from `x` (not only the recursively updated one).
+        num_matvecs: products with A (one per iteration, one for `x0`, one per check of
+            the recomputed residual).
+        residual_norm: ``‖b − A x‖₂`` of the returned `x` (recomputed from `x` on success,
+            else the recursively updated residual).
         negative_curvature: a direction with ``pᵀAp <= 0`` stopped the iteration.
     """
 

@@ -31,9 +31,59 @@ def vdot(a: PyTree, b: PyTree) -> jax.Array:
     return total
 
 
+def max_abs(x: PyTree) -> jax.Array:
+    """``‖x‖_∞ = max |xᵢ|`` over all leaves (per-leaf max, then max over leaves; 0 if empty).
+
+    NaN if an entry is NaN. In the promoted dtype of the leaves; never overflows.
+    """
+    leaves = jax.tree_util.tree_leaves(x)
+    dtype = jnp.result_type(*leaves)
+    total = jnp.zeros((), dtype)
+    for leaf in leaves:
+        if np.size(leaf):
+            total = jnp.maximum(total, jnp.max(jnp.abs(leaf)).astype(dtype))
+    return total
+
+
+def pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1/s)``: a power of two s within a factor 2 of ``m > 0`` (s = 1 where m is 0 or
+    not finite), clipped so that s and 1/s are both normal numbers of m's dtype.
+
+    Rescaling by multiplying with a power of two is exact (XLA may turn ``x / s`` into
+    ``x · (1/s)`` and flush a subnormal ``1/s`` to zero, so we never divide by a raw max).
+    """
+    finfo = jnp.finfo(m.dtype)
+    ok = jnp.isfinite(m) & (m > 0)
+    _, e = jnp.frexp(jnp.where(ok, m, jnp.ones_like(m)))
+    e = jnp.clip(jnp.where(ok, e, 0), finfo.minexp, finfo.maxexp - 2)
+    one = jnp.ones((), m.dtype)
+    return jnp.ldexp(one, e), jnp.ldexp(one, -e)
+
+
+def rescale(x: PyTree, factor: jax.Array) -> PyTree:
+    """``factor · x`` leaf by leaf, computed in the promoted dtype and cast back to each leaf's."""
+    return jax.tree_util.tree_map(lambda xl: (xl * factor).astype(xl.dtype), x)
+
+
 def norm(x: PyTree) -> jax.Array:
-    """``‖x‖₂`` over all leaves."""
-    return jnp.sqrt(vdot(x, x))
+    """``‖x‖₂`` over all leaves, scaled as BLAS ``nrm2``: ``s·sqrt(Σ (xᵢ/s)²)``, ``s ≈ max|xᵢ|``.
+
+    The squares never overflow or underflow before the result itself would: ``‖1e20·x‖`` in
+    float32 is finite, and a true norm past the dtype's range is ``inf``. ``inf`` if an entry
+    is infinite, NaN if one is NaN. s (a power of two near ``max|xᵢ|``, see
+    :func:`pow2_scale`) is held constant under differentiation, so the gradient is ``x/‖x‖``
+    (and 0 at ``x = 0``). Cost: two reductions over the leaves (the max, then the sum of
+    squares); no ravel, so sharded leaves reduce in place (per leaf, then over leaves).
+    """
+    m = jax.lax.stop_gradient(max_abs(x))
+    s, inv = pow2_scale(m)
+    total = jnp.zeros((), m.dtype)
+    for leaf in jax.tree_util.tree_leaves(x):
+        scaled = leaf * inv.astype(jnp.result_type(leaf, inv))
+        total = total + jnp.sum(scaled * scaled).astype(total.dtype)
+    positive = total > 0
+    root = jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), 0)
+    return jnp.where(jnp.isfinite(m), s * root, m)
 
 
 def axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
