@@ -16,6 +16,7 @@ PyTree = Any
 
 RUNNING, SUCCESS, MAXITER, PRECISION_LOSS, NONFINITE, SADDLE, NEGATIVE_CURVATURE = range(-1, 6)
 PRECONDITIONER_BREAKDOWN = 6
+CURVATURE_UNRESOLVED = 7
 
 STATUS_MESSAGES = {
     RUNNING: "Running: call step or advance again to continue.",
@@ -33,6 +34,9 @@ STATUS_MESSAGES = {
     "positive definite; the last iterate before that direction is returned.",
     PRECONDITIONER_BREAKDOWN: "Preconditioner breakdown: rᵀMr <= 0 for a nonzero residual r, so "
     "M is not positive definite; the last iterate is returned.",
+    CURVATURE_UNRESOLVED: "Curvature too small to tell: gradient norm <= gtol but the smallest "
+    "curvature found is within rounding of zero (relative to the largest), so whether this is "
+    "a minimum cannot be decided in this precision; x is returned, not called a success.",
 }
 
 
@@ -88,7 +92,7 @@ class OptimizeResult(NamedTuple):
         nfev: evaluations of f (the start, each trust-ncg trial, each line-search trial).
         njev: gradient passes: one per iteration, the linearization of ∇f (plus the start).
         nhev: Hessian-vector products (tangent passes through the linearized gradient).
-        status: int32 code from ``STATUS_MESSAGES`` (0, 1, 2, 3 or 4).
+        status: int32 code from ``STATUS_MESSAGES`` (0, 1, 2, 3, 4 or 7).
         success: ``status == 0``.
     """
 

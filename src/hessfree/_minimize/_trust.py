@@ -145,7 +145,12 @@ def _new_radius(
 
 @dataclasses.dataclass(frozen=True)
 class TrustRegion:
-    """``method="trust-ncg"``: Steihaug steps, accepted when ``ρ > eta``."""
+    """``method="trust-ncg"``: Steihaug steps, accepted when ``ρ > eta``.
+
+    Steihaug runs on g and H divided by a power of two near ``max|gᵢ|`` (the step is
+    unchanged, the inner products cannot overflow), and ρ is formed from halved values, so
+    a finite f and ∇f at any scale never read as non-finite.
+    """
 
     eta: float
     max_radius: float
@@ -159,15 +164,25 @@ class TrustRegion:
         precond: MatVec,
         cg_maxiter: int,
     ) -> tuple[Proposal, jax.Array, jax.Array]:
-        tol = jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm
-        sub = steihaug(hv, g, st.radius, precond, tol, cg_maxiter)
-        gd = tree.vdot(g, sub.s)
+        # Scale-safe: the step minimizing gᵀs + ½sᵀHs is unchanged when g and H are divided
+        # by σ ≈ max|gᵢ| (a power of two, exact), so Steihaug runs on ĝ = g/σ, Ĥ = H/σ, whose
+        # inner products cannot overflow or underflow whatever the scale of f; the model
+        # value is σ·m̂, in the units of f (finite whenever the changes in f are).
+        sigma, inv = tree.pow2_scale(tree.max_abs(g))
+        tol = jnp.minimum(0.5, jnp.sqrt(gnorm)) * gnorm * inv
+        g_hat = tree.rescale(g, inv)
+
+        def hv_hat(v: PyTree) -> PyTree:
+            return tree.rescale(tree.cast_like(hv(v), g), inv)
+
+        sub = steihaug(hv_hat, g_hat, st.radius, precond, tol, cg_maxiter)
+        gd_hat = tree.vdot(g_hat, sub.s)
         false = jnp.zeros((), bool)
         proposal = Proposal(
             sub.s,
-            gd,
-            2 * (sub.model - gd),
-            sub.model,
+            sigma * gd_hat,
+            sigma * (2 * (sub.model - gd_hat)),
+            sigma * sub.model,
             sub.step_norm,
             sub.hits_boundary,
             false,
@@ -187,7 +202,10 @@ class TrustRegion:
         f_t = value(x_t, args)
         finite = jnp.isfinite(f_t)
         predicted = -pr.model
-        rho = (st.fun - f_t) / jnp.where(predicted > 0, predicted, 1)
+        # ρ from f's change and the model's, both halved before subtracting: no overflow
+        # even when f and f_t are near the largest finite number of opposite signs
+        actual = 0.5 * st.fun - 0.5 * f_t
+        rho = actual / jnp.where(predicted > 0, 0.5 * predicted, 1)
         good_model = predicted > 0
         accept = finite & good_model & (rho > self.eta)
         radius = _new_radius(st.radius, pr, finite, rho, self.max_radius)
