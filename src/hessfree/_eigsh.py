@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
 from . import _tree as tree
-from ._krylov import checked_start, expand, ritz, start_basis, start_vector
-from ._linop import MatVec, tree_operator
+from ._krylov import (
+    checked_start,
+    expand,
+    normalize,
+    orthogonalize,
+    ritz,
+    start_basis,
+    start_vector,
+)
+from ._linop import MatVec, is_dense, tree_operator
 from ._results import MAXITER, NONFINITE, SUCCESS, EigshResult
 from ._staging import staged
 from ._validation import (
@@ -35,6 +44,10 @@ class _State(NamedTuple):
     H: jax.Array
     j: jax.Array
     beta: jax.Array
+    lost: jax.Array  # (m, locks): row i's residual outside H is Σ_l lost[i, l]·r_l, ‖r_l‖ = 1
+    num_locks: jax.Array
+    previous: jax.Array  # (k,) wanted values when last locked (sorted); inf before
+    deflated: jax.Array  # a deflation restart happened: checking for missed copies
     converged: jax.Array
     finite: jax.Array
     stop: jax.Array
@@ -42,31 +55,59 @@ class _State(NamedTuple):
     num_restarts: jax.Array
 
 
-def _residuals(H: jax.Array, size: jax.Array, beta: jax.Array, which: str, k: int) -> Any:
-    """``(θ, S, idx, residual)`` for the k wanted Ritz pairs of the leading block of H."""
-    theta, S, active = ritz(H, size)
-    idx = _wanted(theta, active, which, k)
+def _ritz_pairs(s: _State, size: jax.Array, which: str, count: int) -> Any:
+    """``(θ, S, idx, residual)`` for the `count` wanted Ritz pairs of the leading block of H.
+
+    ``residual`` bounds ``‖A y − θ y‖``: ``β·|s_last| + Σ_l |(Sᵀ lost)_l|`` (the Lanczos
+    residual plus what locking left out of H, one unit direction r_l per lock).
+    """
+    theta, S, active = ritz(s.H, size)
+    idx = _wanted(theta, active, which, count)
     last = jnp.take(S, size - 1, axis=0)
-    return theta, S, idx, jnp.abs(beta) * jnp.abs(last[idx])
+    Y = S[:, idx]
+    residual = jnp.abs(s.beta) * jnp.abs(last[idx]) + jnp.sum(jnp.abs(Y.T @ s.lost), axis=1)
+    return theta, S, idx, residual, active[idx]
 
 
-def _thick_restart(state: _State, which: str, keep: int) -> tuple[PyTree, jax.Array]:
+def _thick_restart(s: _State, which: str, keep: int) -> tuple[PyTree, jax.Array, jax.Array]:
     """Keep the `keep` wanted Ritz vectors plus the residual direction (Wu & Simon 2000)."""
-    m = state.H.shape[0]
-    theta, S = jnp.linalg.eigh(state.H)
+    m = s.H.shape[0]
+    theta, S = jnp.linalg.eigh(jnp.where(jnp.isfinite(s.H), s.H, 0))  # NaN: see ritz
     idx = _wanted(theta, jnp.ones((m,), bool), which, keep)
     Y = S[:, idx]
-    old = jax.tree_util.tree_map(lambda Vl: Vl[:m], state.V)
+    old = jax.tree_util.tree_map(lambda Vl: Vl[:m], s.V)
     kept = jax.vmap(tree.combine, in_axes=(1, None))(Y, old)  # leaves (keep, ...)
 
     def restarted(Vl: jax.Array, Kl: jax.Array) -> jax.Array:
         return jnp.zeros_like(Vl).at[:keep].set(Kl).at[keep].set(Vl[m])
 
-    V = jax.tree_util.tree_map(restarted, state.V, kept)
-    coupling = state.beta * Y[m - 1]
-    H = jnp.zeros_like(state.H).at[jnp.arange(keep), jnp.arange(keep)].set(theta[idx])
+    V = jax.tree_util.tree_map(restarted, s.V, kept)
+    coupling = s.beta * Y[m - 1]
+    H = jnp.zeros_like(s.H).at[jnp.arange(keep), jnp.arange(keep)].set(theta[idx])
     H = H.at[keep, :keep].set(coupling).at[:keep, keep].set(coupling)
-    return V, H
+    lost = jnp.zeros_like(s.lost).at[:keep].set(Y.T @ s.lost)
+    return V, H, lost
+
+
+def _deflation_restart(
+    s: _State, size: jax.Array, which: str, k: int, key: jax.Array
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """Lock the k wanted Ritz vectors (dropping their small residual coupling into `lost`) and
+    continue from a fresh random vector orthogonal to them: a copy of a repeated eigenvalue,
+    invisible from the old start vector, shows up in the new Krylov space."""
+    m = s.H.shape[0]
+    theta, S, idx, _, _ = _ritz_pairs(s, size, which, k)
+    Y = S[:, idx]
+    old = jax.tree_util.tree_map(lambda Vl: Vl[:m], s.V)
+    kept = jax.vmap(tree.combine, in_axes=(1, None))(S[:, idx], old)
+    V = jax.tree_util.tree_map(lambda Vl, Kl: jnp.zeros_like(Vl).at[:k].set(Kl), s.V, kept)
+    fresh = tree.random_tree(key, tree.row(V, 0))
+    fresh, _ = normalize(orthogonalize(V, fresh)[0])
+    V = tree.set_row(V, k, fresh)
+    H = jnp.zeros_like(s.H).at[jnp.arange(k), jnp.arange(k)].set(theta[idx])
+    lost = jnp.zeros_like(s.lost).at[:k].set(Y.T @ s.lost)
+    lost = lost.at[:k, s.num_locks].set(s.beta * jnp.take(S, size - 1, axis=0)[idx])
+    return V, H, lost
 
 
 def eigsh_tree(
@@ -79,55 +120,103 @@ def eigsh_tree(
     maxiter: int,
     key: jax.Array,
 ) -> EigshResult:
-    """Thick-restart Lanczos on pytrees; eigenvectors as leaves with a leading axis k."""
+    """Thick-restart Lanczos on pytrees; eigenvectors as leaves with a leading axis k.
+
+    Two phases in one ``while_loop``: converge k wanted Ritz pairs; then lock them, restart
+    from a fresh random vector orthogonal to them and converge k + 1 wanted pairs (the new
+    one is the best of the rest of the spectrum, or a missed copy of a wanted value). It
+    stops when the wanted k values did not move by more than their tolerance; otherwise it
+    locks again.
+    """
     m, n = num_steps, tree.size(v0)
-    keep = min(m - 1, k + (m - k) // 2) if m < n else m - 1
+    # pairs the check phase converges: the k wanted and the best one outside them
+    check = min(k + 1, m - 1) if m < n else min(k + 1, n)
+    keep = min(m - 1, check + (m - check) // 2) if m < n else m - 1
     dtype = tree.scalar_dtype(v0)
     tiny = jnp.finfo(dtype).eps ** (2 / 3)
+    locks = k + 2  # at most this many lock-and-check rounds
 
     def body(s: _State) -> _State:
-        V, H, beta = expand(matvec, s.V, s.H, s.j, jax.random.fold_in(key, s.num_matvecs))
+        step_key = jax.random.fold_in(key, s.num_matvecs)
+        # a stopped element (under vmap the body still runs on it) stays in range
+        s = s._replace(j=jnp.where(s.stop, jnp.minimum(s.j, m - 1), s.j))
+        V, H, beta = expand(matvec, s.V, s.H, s.j, step_key)
         size = s.j + 1
         finite = jnp.all(jnp.isfinite(H)) & jnp.isfinite(beta)
-        theta, _, idx, residual = _residuals(H, size, beta, which, k)
-        scale = jnp.maximum(jnp.abs(theta[idx]), tiny * jnp.max(jnp.abs(theta[idx])))
-        converged = finite & (size >= k) & jnp.all(residual <= tol * scale)
-        full = size == m
-        out_of_budget = full & (s.num_restarts >= maxiter)
-        restart = full & ~converged & ~out_of_budget & finite
         s = s._replace(V=V, H=H, j=size, beta=beta, num_matvecs=s.num_matvecs + 1)
-        V, H = jax.lax.cond(restart, lambda: _thick_restart(s, which, keep), lambda: (V, H))
+        theta, _, idx, residual, active = _ritz_pairs(s, size, which, check)
+        values = theta[idx]
+        scale = jnp.maximum(jnp.abs(values), tiny * jnp.max(jnp.abs(values[:k])))
+        met = active & (residual <= tol * scale)
+        if check > k:  # the extra pair to the wanted values' absolute accuracy
+            top = jnp.max(jnp.abs(values[:k]))
+            met = met.at[k].set(active[k] & (residual[k] <= tol * jnp.maximum(top, scale[k])))
+        converged_k = finite & jnp.all(met[:k])
+        # lock with a margin: what locking leaves out must not push them back over tol
+        tight = finite & jnp.all(active[:k] & (residual[:k] <= tol * scale[:k] / 10))
+        # the whole space is spanned (size == n, never after a breakdown-free miss): exact
+        whole = size >= n
+        checked = converged_k & (jnp.all(met) | whole)
+        current = jnp.sort(values[:k])
+        stable = jnp.all(jnp.abs(current - s.previous) <= tol * jnp.sort(scale[:k]))
+        done = converged_k & (whole | (s.deflated & checked & stable))
+        can_lock = (s.num_restarts < maxiter) & (s.num_locks < locks)
+        lock = tight & ~done & ((~s.deflated) | checked) & can_lock
+        full = size == m
+        stuck = tight & ~done & ((~s.deflated) | checked) & ~can_lock
+        out_of_budget = ~done & ((full & (s.num_restarts >= maxiter)) | stuck)
+        restart = full & ~done & ~lock & ~out_of_budget & finite
+
+        def deflate() -> tuple[PyTree, jax.Array, jax.Array]:
+            return _deflation_restart(s, size, which, k, jax.random.fold_in(step_key, 1))
+
+        def thick() -> tuple[PyTree, jax.Array, jax.Array]:
+            return _thick_restart(s, which, keep)
+
+        V, H, lost = jax.lax.cond(restart, thick, lambda: (V, H, s.lost))
+        V, H, lost = jax.lax.cond(lock, deflate, lambda: (V, H, lost))
         return s._replace(
             V=V,
             H=H,
-            j=jnp.where(restart, keep, size),
-            converged=converged,
+            lost=lost,
+            j=jnp.where(lock, k, jnp.where(restart, keep, size)),
+            beta=jnp.where(lock, jnp.zeros_like(beta), beta),
+            previous=jnp.where(lock, current, s.previous),
+            deflated=s.deflated | lock,
+            num_locks=s.num_locks + lock.astype(s.num_locks.dtype),
+            converged=done,
             finite=finite,
-            stop=converged | out_of_budget | ~finite,
-            num_restarts=s.num_restarts + restart.astype(s.num_restarts.dtype),
+            stop=done | out_of_budget | ~finite,
+            num_restarts=s.num_restarts + (restart | lock).astype(s.num_restarts.dtype),
         )
 
     zero = jnp.zeros((), jnp.int32)
+    start_finite = tree.all_finite(v0)
     init = _State(
         V=start_basis(v0, m),
         H=jnp.zeros((m, m), dtype),
         j=zero,
         beta=jnp.zeros((), dtype),
+        lost=jnp.zeros((m, locks), dtype),
+        num_locks=zero,
+        previous=jnp.full((k,), jnp.inf, dtype),
+        deflated=jnp.zeros((), bool),
         converged=jnp.zeros((), bool),
-        finite=tree.all_finite(v0),
-        stop=~tree.all_finite(v0),
+        finite=start_finite,
+        stop=~start_finite,
         num_matvecs=zero,
         num_restarts=zero,
     )
     s = jax.lax.while_loop(lambda s: ~s.stop, body, init)
-    theta, S, idx, residual = _residuals(s.H, jnp.maximum(s.j, 1), s.beta, which, k)
+    theta, S, idx, residual, _ = _ritz_pairs(s, jnp.maximum(s.j, 1), which, k)
     order = jnp.argsort(theta[idx])
     idx, residual = idx[order], residual[order]
     old = jax.tree_util.tree_map(lambda Vl: Vl[:m], s.V)
     vectors = jax.vmap(tree.combine, in_axes=(1, None))(S[:, idx], old)
     status = jnp.where(s.converged, SUCCESS, jnp.where(s.finite, MAXITER, NONFINITE))
     status = status.astype(jnp.int32)
-    return EigshResult(theta[idx], vectors, residual, status, status == SUCCESS, s.num_matvecs)
+    values = jnp.where(s.finite, theta[idx], jnp.nan)
+    return EigshResult(values, vectors, residual, status, status == SUCCESS, s.num_matvecs)
 
 
 def _eigsh_impl(
@@ -142,9 +231,63 @@ def _eigsh_impl(
     tol: float,
     maxiter: int,
 ) -> EigshResult:
-    op = tree_operator(A, like)
-    v0, k_run = start_vector(op, v0, key)
-    return eigsh_tree(op.matvec, v0, k, which, num_steps, tol, maxiter, k_run)
+    leaves, treedef = jax.tree_util.tree_flatten(A)
+    is_array = [isinstance(leaf, jax.Array) for leaf in leaves]
+    arrays = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
+
+    def rebuild(arrays: list) -> Any:
+        it = iter(arrays)
+        return treedef.unflatten(
+            [next(it) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
+        )
+
+    @jax.custom_jvp
+    def solve(arrays: list, like: PyTree, v0: PyTree, key: jax.Array) -> EigshResult:
+        op = tree_operator(rebuild(arrays), like)
+        v0, k_run = start_vector(op, v0, key)
+        return eigsh_tree(op.matvec, v0, k, which, num_steps, tol, maxiter, k_run)
+
+    @solve.defjvp
+    def solve_jvp(primals: tuple, tangents: tuple) -> tuple[EigshResult, EigshResult]:
+        # Hellmann-Feynman: dθᵢ = yᵢᵀ (dA) yᵢ for unit eigenvectors yᵢ (held fixed: their
+        # derivative needs the eigengaps and is not provided).
+        arrays, like, v0, key = primals
+        res = solve(arrays, like, v0, key)
+        vectors = jax.lax.stop_gradient(res.eigenvectors)
+
+        def product(arrays: list, y: PyTree) -> PyTree:
+            return tree_operator(rebuild(arrays), like).matvec(y)
+
+        def directional(y: PyTree) -> jax.Array:
+            d_av = jax.jvp(lambda a: product(a, y), (arrays,), (tangents[0],))[1]
+            return tree.vdot(y, d_av)
+
+        d_theta = jax.vmap(directional)(vectors).astype(res.eigenvalues.dtype)
+        zero = jax.tree_util.tree_map(_zero_tangent, res)
+        return res, zero._replace(eigenvalues=d_theta)
+
+    return solve(arrays, like, v0, key)
+
+
+def _zero_tangent(x: jax.Array) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _check_symmetric(A: Any) -> None:
+    """Refuse a concrete dense A with ``max|A − Aᵀ| > sqrt(eps)·max|A|`` (NaN passes: status)."""
+    if not is_dense(A) or isinstance(A, jax.core.Tracer):
+        return
+    M = jnp.asarray(A)
+    asym, size = float(jnp.max(jnp.abs(M - M.T))), float(jnp.max(jnp.abs(M)))
+    bound = float(np.sqrt(np.finfo(M.dtype).eps)) * size
+    if asym > bound:
+        msg = (
+            f"A must be symmetric: max|A - A^T| = {asym:.3g} exceeds sqrt(eps)*max|A| = "
+            f"{bound:.3g}; eigsh treats A as symmetric (symmetrize it, e.g. (A + A.T) / 2)"
+        )
+        raise ValueError(msg)
 
 
 def eigsh(
@@ -170,10 +313,21 @@ def eigsh(
     is one ``lax.while_loop``: jit-, vmap-able; compiled once per operator configuration,
     shapes and settings (k, which, tol, maxiter, num_steps are static).
 
-    Cost: as many products (HVPs) as convergence needs, reported in ``num_matvecs``;
-    typically fewer than ARPACK at the same tolerance, since convergence is checked every
-    step rather than every restart cycle. Plus ``O(m² n)`` flops of reorthogonalization per
-    product.
+    Repeated eigenvalues: one start vector sees one copy of an exactly repeated eigenvalue,
+    so once k pairs have converged (to tol/10) they are locked and Lanczos restarts from a
+    fresh random vector orthogonal to them (drawn from `key`); it runs until k + 1 pairs
+    have converged, and stops when the wanted k values moved by no more than their
+    tolerance, else locks again (at most k + 2 rounds; then status 1). Locking drops a
+    residual coupling of at most tol/10, carried into ``residuals`` as a bound.
+
+    Cost: as many products (HVPs) as convergence needs, reported in ``num_matvecs``: those
+    for k pairs, plus those for one more eigenpair from a fresh start (the check; about
+    1-4x ARPACK in all at the same tolerance, which does not check multiplicity), plus
+    ``O(m² n)`` flops of reorthogonalization per product. Derivatives: ``jax.grad`` of the
+    eigenvalues with respect to the arrays inside A (a dense matrix, an operator's leaves, a
+    ``Partial``'s arguments) is ``dθᵢ = yᵢᵀ (dA) yᵢ`` (Hellmann-Feynman; k extra JVPs of
+    the product); the eigenvectors are held constant (stop_gradient): their derivative
+    needs the eigengaps and is not provided.
 
     Tracking the top eigenvalue over training: pass the previous eigenvector as `v0`
     (``v0=jax.tree.map(lambda e: e[-1], res.eigenvectors)``); near convergence it needs
@@ -191,7 +345,8 @@ def eigsh(
             ``tol²·|θ|²/gap``.
         maxiter: maximum number of thick restarts.
         num_steps: the largest Krylov basis kept (memory, in vectors); default
-            ``min(n, max(3k, 30))``. Needs ``num_steps > k`` unless it equals n.
+            ``min(n, max(3k, 30))``. Needs ``num_steps > k`` unless it equals n (and
+            ``num_steps >= k + 2`` for the multiplicity check).
         v0: a start vector like A's input (e.g. the previous eigenvector); random if None.
         like: an example pytree shaped like A's input, needed when A is a plain callable.
 
@@ -204,7 +359,9 @@ def eigsh(
 
     Raises:
         ValueError: `key` and `v0` both missing; `k` or `num_steps` out of range; `which`
-            unknown; `tol` not a finite positive number.
+            unknown; `tol` not a finite positive number; a concrete dense A not symmetric
+            (``max|A − Aᵀ| > sqrt(eps)·max|A|``). A NaN operator gives status 3 after one
+            product (also per element under ``vmap``).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -213,15 +370,13 @@ def eigsh(
         >>> hf.eigsh(A, 2, key=jax.random.key(0)).eigenvalues.round(4).tolist()
         [2.0, 5.0]
 
-    Limitations: from one start vector Lanczos sees one copy of an exactly repeated
-    eigenvalue (multiplicity needs a block method); nearby distinct eigenvalues are fine.
-
     References:
         Wu & Simon, "Thick-restart Lanczos method for large symmetric eigenvalue problems",
         SIAM J. Matrix Anal. Appl. 22, 2000.
     """
     check_choice(which, WHICH, "which")
     key, like, n = checked_start(A, v0, key, like, "eigsh")
+    _check_symmetric(A)
     check_positive_int(k, "k")
     if k > n:
         msg = f"k must be at most the dimension n = {n} of A; got k = {k}"

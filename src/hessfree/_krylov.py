@@ -165,7 +165,8 @@ def lanczos(
         A: a CurvatureOperator, a callable ``v -> A v`` (then pass `like`, or a `v0`), or a
             dense symmetric ``(n, n)`` array.
         v0: the start vector, a pytree (normalized here), or None to draw one from `key`.
-            It is used as given: a zero or non-finite `v0` is never silently replaced.
+            It is used as given: a non-finite `v0` gives NaN coefficients (never a silent
+            random start).
         num_steps: m, the number of Lanczos vectors, ``1 <= m <= n``.
         key: a ``jax.random`` key: required when `v0` is None; also seeds the fresh
             directions drawn after a breakdown (fixed key 0 when not given).
@@ -192,10 +193,13 @@ def ritz(H: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
 
     H has a fixed shape; the inactive part is replaced by distinct diagonal values far above
     the spectrum, and ``active`` marks the eigenpairs that belong to the leading block.
+    Non-finite entries are read as 0 (the caller reports them).
     """
     m = H.shape[0]
     inside = jnp.arange(m) < size
-    block = jnp.where(inside[:, None] & inside[None, :], H, 0)
+    # non-finite entries (a NaN operator, reported by the caller) become 0: some eigh
+    # kernels never return on NaN input, and under vmap every element runs
+    block = jnp.where(inside[:, None] & inside[None, :] & jnp.isfinite(H), H, 0)
     far = 2 * jnp.max(jnp.sum(jnp.abs(block), axis=1)) + 1
     sentinels = far * (2 + jnp.arange(m, dtype=H.dtype))
     theta, S = jnp.linalg.eigh(block + jnp.diag(jnp.where(inside, 0, sentinels)))

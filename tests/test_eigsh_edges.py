@@ -1,0 +1,264 @@
+"""eigsh at its edges (issue 10): repeated eigenvalues, non-symmetric or non-finite input,
+overflow, eigenvalue derivatives, and a scale fuzz: right, or not success."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hessfree as hf
+
+KEY = jax.random.key(0)
+DTYPES = [jnp.float32, jnp.float64]
+
+
+def rtol_of(dtype):
+    return 1e-3 if dtype == jnp.float32 else 1e-9
+
+
+def with_spectrum(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues), len(eigenvalues))))
+    m = q @ np.diag(eigenvalues) @ q.T
+    return (m + m.T) / 2
+
+
+# --- 1. repeated eigenvalues ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("which", "expected"), [("LA", [2, 2, 5]), ("SA", [1, 2, 2])])
+def test_eigsh_finds_the_multiplicity_of_a_repeated_eigenvalue(dtype, which, expected):
+    D = jnp.diag(jnp.array([1.0, 2.0, 2.0, 2.0, 5.0], dtype))
+    res = hf.eigsh(D, 3, which=which, key=KEY)
+    assert bool(res.success)
+    np.testing.assert_allclose(res.eigenvalues, expected, rtol=rtol_of(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_eigsh_repeated_top_eigenvalue_in_a_larger_space(dtype, k):
+    # n = 60 > num_steps: restarts and the multiplicity check both run
+    spectrum = np.r_[6.0, 6.0, 6.0, np.linspace(-3, 3.5, 57)]
+    matrix = jnp.asarray(with_spectrum(spectrum), dtype)
+    res = hf.eigsh(matrix, k, key=KEY)
+    assert bool(res.success)
+    expected = np.sort(spectrum)[-k:]
+    np.testing.assert_allclose(res.eigenvalues, expected, rtol=rtol_of(dtype))
+
+
+def quartic(x, d):
+    return 0.5 * jnp.sum(d * x**2) + 0.01 * jnp.sum(x**4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_eigsh_on_a_hessian_with_a_repeated_extreme_eigenvalue(dtype, which):
+    n = 40
+    d = np.linspace(1.0, 3.0, n)
+    d[:3], d[-3:] = 0.5, 4.0  # repeated min and max
+    d = jnp.asarray(d, dtype)
+    x = jnp.zeros(n, dtype).at[5].set(0.1)  # the quartic term barely moves one entry
+    dense = np.asarray(jax.hessian(quartic)(x.astype(jnp.float64), d.astype(jnp.float64)))
+    exact = np.linalg.eigvalsh(dense)
+    res = hf.eigsh(hf.hessian(quartic, x, d), 3, which=which, key=KEY)
+    assert bool(res.success)
+    expected = exact[-3:] if which == "LA" else exact[:3]
+    np.testing.assert_allclose(res.eigenvalues, expected, rtol=rtol_of(dtype))
+
+
+# --- 2. refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eigsh_refuses_a_non_symmetric_dense_matrix(dtype):
+    with pytest.raises(ValueError, match=r"A must be symmetric"):
+        hf.eigsh(jnp.array([[1.0, 2.0], [0.0, 1.0]], dtype), 1, key=KEY)
+    # rounding-level asymmetry is fine
+    m = jnp.asarray(with_spectrum([1.0, 2.0, 3.0]), dtype)
+    assert bool(hf.eigsh(m + 1e-9 * jnp.triu(m, 1), 1, key=KEY).success)
+
+
+def test_eigsh_refuses_infinite_tol_and_spectral_density_infinite_sigma():
+    A = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"tol must be a finite number"):
+        hf.eigsh(A, 1, key=KEY, tol=math.inf)
+    with pytest.raises(ValueError, match=r"sigma must be a finite number"):
+        hf.spectral_density(A, key=KEY, num_probes=1, num_steps=2, sigma=math.inf)
+
+
+# --- 3. non-finite operators ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eigsh_stops_at_once_on_a_nan_operator(dtype):
+    res = hf.eigsh(jnp.full((5, 5), jnp.nan, dtype), 1, key=KEY)
+    assert int(res.status) == 3 and not bool(res.success) and int(res.num_matvecs) <= 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eigsh_under_vmap_one_nan_operator_does_not_spoil_the_others(dtype):
+    spectra = [np.linspace(-1.0, 1.0, 30) * s for s in (1.0, 2.0, 3.0)]
+    stack = np.stack([with_spectrum(s, seed=i) for i, s in enumerate(spectra)])
+    stack[1] = np.nan
+    res = jax.vmap(lambda m: hf.eigsh(m, 1, key=KEY))(jnp.asarray(stack, dtype))
+    np.testing.assert_array_equal(res.status, [0, 3, 0])
+    assert int(res.num_matvecs[1]) <= 2
+    np.testing.assert_allclose(res.eigenvalues[[0, 2], 0], [1.0, 3.0], rtol=rtol_of(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lanczos_with_a_nan_start_gives_nan_not_a_random_start(dtype):
+    A = jnp.diag(jnp.array([1.0, 2.0, 3.0, 4.0], dtype))
+    res = hf.lanczos(A, jnp.full(4, jnp.nan, dtype), 3)
+    assert np.all(np.isnan(np.asarray(res.alphas)))
+
+
+# --- 5. overflow ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_eigsh_at_extreme_scales_is_right_or_not_success(dtype, scale):
+    res = hf.eigsh(jnp.asarray(scale * np.diag([1.0, 2.0, 3.0]), dtype), 1, key=KEY)
+    assert bool(res.success)
+    np.testing.assert_allclose(res.eigenvalues, [3 * scale], rtol=rtol_of(dtype))
+
+
+# --- 6. eigenvalue derivatives (Hellmann-Feynman) ---------------------------------------------
+
+
+def gapped(dtype, n=6):
+    return jnp.asarray(with_spectrum(np.array([-2.0, -1.0, 0.5, 1.5, 3.0, 4.0])[:n]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_grad_of_eigenvalues_of_a_dense_matrix_matches_eigh(dtype, which):
+    M = gapped(dtype)
+
+    def top(M):
+        return hf.eigsh(M, 2, which=which, key=KEY).eigenvalues
+
+    def ref(M):
+        w = jnp.linalg.eigh(M)[0]
+        return w[-2:] if which == "LA" else w[:2]
+
+    weights = jnp.array([0.3, 1.0], dtype)
+    g = jax.grad(lambda M: top(M) @ weights)(M)
+    g_ref = jax.grad(lambda M: ref(M) @ weights)(M)
+    np.testing.assert_allclose(g, g_ref, atol=10 * rtol_of(dtype))
+    J = jax.jacrev(top)(M)
+    np.testing.assert_allclose(J, jax.jacrev(ref)(M), atol=10 * rtol_of(dtype))
+
+
+def test_grad_of_eigenvalues_matches_finite_differences():
+    M = gapped(jnp.float64)
+    E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 6), seed=3))
+    f = lambda t: hf.eigsh(M + t * E, 1, key=KEY).eigenvalues[0]  # noqa: E731
+    h = 1e-5
+    fd = (f(h) - f(-h)) / (2 * h)
+    np.testing.assert_allclose(jax.grad(f)(0.0), fd, rtol=1e-6)
+    np.testing.assert_allclose(jax.jacfwd(f)(0.0), fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_of_a_hessian_eigenvalue_wrt_data_and_point(dtype):
+    n = 8
+    d = jnp.asarray(np.linspace(1.0, 4.0, n), dtype)
+    x = jnp.asarray(np.linspace(-0.5, 0.5, n), dtype)
+
+    def top(x, d):
+        return hf.eigsh(hf.hessian(quartic, x, d), 1, key=KEY).eigenvalues[0]
+
+    def ref(x, d):
+        return jnp.linalg.eigvalsh(jax.hessian(quartic)(x, d))[-1]
+
+    for argnum in (0, 1):
+        np.testing.assert_allclose(
+            jax.grad(top, argnum)(x, d), jax.grad(ref, argnum)(x, d), atol=10 * rtol_of(dtype)
+        )
+
+
+def test_grad_through_a_partial_operator():
+    M = gapped(jnp.float64)
+
+    def apply(M, v):
+        return M @ v
+
+    def top(M):
+        op = jax.tree_util.Partial(apply, M)
+        return hf.eigsh(op, 1, key=KEY, like=jnp.zeros(6)).eigenvalues[0]
+
+    g_ref = jax.grad(lambda M: jnp.linalg.eigh(M)[0][-1])(M)
+    np.testing.assert_allclose(jax.grad(top)(M), g_ref, atol=1e-9)
+    np.testing.assert_allclose(jax.jit(jax.grad(top))(M), g_ref, atol=1e-9)
+
+
+def test_eigenvectors_carry_no_gradient():
+    M = gapped(jnp.float64)
+    g = jax.grad(lambda M: jnp.sum(hf.eigsh(M, 1, key=KEY).eigenvectors ** 3))(M)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+# --- 7. scale fuzz: within the stated tolerance of eigvalsh, or not success -------------------
+
+
+def _fuzz(dtype_name, exponent, n, k, which, repeat, seed):
+    dtype = jnp.float32 if dtype_name == "float32" else jnp.float64
+    rng = np.random.default_rng(seed)
+    spectrum = rng.normal(size=n)
+    if repeat:
+        spectrum[: min(3, n)] = spectrum[0]  # a repeated value, somewhere in the spectrum
+    matrix = with_spectrum(spectrum, seed) * 10.0**exponent
+    A = jnp.asarray(matrix, dtype)
+    exact = np.linalg.eigvalsh(np.asarray(A, np.float64))
+    res = hf.eigsh(A, k, which=which, key=jax.random.key(seed), maxiter=100)
+    if not bool(res.success):
+        return
+    order = {"LA": -exact, "SA": exact, "LM": -np.abs(exact)}[which]
+    expected = np.sort(exact[np.argsort(order, kind="stable")[:k]])
+    values = np.asarray(res.eigenvalues, np.float64)
+    assert np.all(np.isfinite(values))
+    eps = float(np.finfo(dtype).eps)
+    tol = math.sqrt(eps)
+    norm = np.max(np.abs(exact))
+    # |θ − λ| <= ‖A y − θ y‖ <= tol·|θ| (with a floor eps^(2/3)·max|θ| for θ near 0), plus
+    # rounding of the products
+    bound = 2 * tol * np.maximum(np.abs(values), eps ** (2 / 3) * norm) + 100 * n * eps * norm
+    if which == "LM":  # ±λ ties at equal magnitude: compare magnitudes
+        values, expected = np.sort(np.abs(values)), np.sort(np.abs(expected))
+    assert np.all(np.abs(values - expected) <= bound), (values, expected, bound)
+
+
+_FUZZ = (
+    st.sampled_from(["float32", "float64"]),
+    st.floats(-1.0, 1.0),
+    st.integers(3, 40),
+    st.integers(1, 3),
+    st.sampled_from(["LA", "SA", "LM"]),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+
+
+def _scaled_fuzz(dtype_name, unit, n, k, which, repeat, seed):
+    limit = 18 if dtype_name == "float32" else 30
+    _fuzz(dtype_name, unit * limit, n, min(k, n - 1), which, repeat, seed)
+
+
+def _generated(count):
+    checks = list(HealthCheck)
+    return settings(max_examples=count, deadline=None, suppress_health_check=checks)(
+        given(*_FUZZ)(_scaled_fuzz)
+    )
+
+
+test_eigsh_scale_fuzz = _generated(25)
+test_eigsh_scale_fuzz_many = pytest.mark.slow(_generated(300))
