@@ -6,6 +6,7 @@ in private modules. Every public function compiles once per user function, setti
 shapes: calling it again at new parameter values compiles nothing.
 """
 
+from ._batches import over_batches as over_batches
 from ._cg import cg as cg
 from ._cost import ModeCost as ModeCost
 from ._cost import cost as cost
@@ -56,6 +57,7 @@ __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     "fisher",
     "ggn",
     "hessian",
+    "over_batches",
     # results and the shared status table
     "STATUS_MESSAGES",
     "CGResult",
