@@ -29,15 +29,24 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def torch_mlp_product(workload):
-    """torch.func.jvp(grad(loss)) on the same MLP and data (float32), or None without torch."""
+    """torch.func.jvp(grad(loss)) on the same MLP and data (float32), or None without torch.
+
+    On the device JAX runs on: CUDA when JAX's backend is a GPU and torch sees one, else CPU.
+    """
     try:
         import torch
         from torch.func import grad, jvp
     except ImportError:
         return None
-    params = [{k: torch.from_numpy(np.array(v)) for k, v in layer.items()} for layer in workload.x]
-    inputs = torch.from_numpy(np.array(workload.args[0]))
-    labels = torch.from_numpy(np.array(workload.args[1])).long()
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+
+    def put(x):
+        return torch.from_numpy(np.array(x)).to(device)
+
+    params = [{k: put(v) for k, v in layer.items()} for layer in workload.x]
+    inputs = put(workload.args[0])
+    labels = put(workload.args[1]).long()
 
     def loss(ps):
         h = inputs
@@ -51,7 +60,9 @@ def torch_mlp_product(workload):
     ]
 
     def product():
-        jvp(grad(loss), (params,), (tangent,))  # torch on CPU is synchronous
+        jvp(grad(loss), (params,), (tangent,))
+        if on_gpu:
+            torch.cuda.synchronize()  # on CPU torch is synchronous
         return None
 
     return product
