@@ -12,6 +12,8 @@ from ._cost import ModeCost as ModeCost
 from ._cost import cost as cost
 from ._cost import select_mode as select_mode
 from ._density import spectral_density as spectral_density
+from ._diagonals import fisher_diagonal as fisher_diagonal
+from ._diagonals import ggn_diagonal as ggn_diagonal
 from ._eigsh import eigsh as eigsh
 from ._estimators import diagonal as diagonal
 from ._estimators import trace as trace
@@ -55,7 +57,9 @@ __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     # operators
     "CurvatureOperator",
     "fisher",
+    "fisher_diagonal",
     "ggn",
+    "ggn_diagonal",
     "hessian",
     "over_batches",
     # results and the shared status table

@@ -15,7 +15,8 @@ sigmoid_cross_entropy   bernoulli    ``Σ softplus(o_b) − y_b o_b``           
 
 Each row gives: the value, the per-example output gradient ``r_b = ∂ℓ_b/∂o_b``, the product
 with the output Hessian of the batch-mean loss in closed form (``(diag p − p pᵀ)`` per class
-axis, the identity, ``diag σ(1 − σ)``, each over B), a sampler of the likelihood and the
+axis, the identity, ``diag σ(1 − σ)``, each over B), a symmetric factor of one example's output
+Hessian (``S Sᵀ = ∇²ℓ_b``, for exact Hessian diagonals), a sampler of the likelihood and the
 static and value checks of targets. A callable loss gets its output Hessian by autodiff.
 """
 
@@ -36,6 +37,11 @@ Array = jax.Array
 
 def _sum_nonbatch(x: Array, keepdims: bool = False) -> Array:
     return jnp.sum(x, axis=tuple(range(1, x.ndim)), keepdims=keepdims)
+
+
+def _column_scale(x: Array) -> Array:
+    """``x`` (one example's output shape) as one scale per factor column, ``(K, 1, …, 1)``."""
+    return x.reshape(x.size, *(1,) * x.ndim)
 
 
 # --- softmax cross-entropy / categorical -------------------------------------------------------
@@ -66,6 +72,23 @@ def _softmax_hessian_mv(outputs: Array, targets: Array | None, u: Array) -> Arra
     return hu / outputs.shape[0]
 
 
+def _softmax_factor(output: Array, target: Array | None) -> Array:
+    """Columns ``s_tc = √(w_t p_tc) (e_tc − p_t)`` at each position t (zero elsewhere).
+
+    ``Σ_c s_tc s_tcᵀ = w_t (diag p_t − p_t p_tᵀ)`` since ``Σ_c p_tc = 1``; ``w_t = Σ_c y_tc`` is
+    1 for labels and normalized probabilities (the Hessian of unnormalized soft labels scales).
+    """
+    p = jax.nn.softmax(output, axis=-1)
+    size = output.size
+    eye = jnp.eye(size, dtype=output.dtype).reshape(size, *output.shape)
+    at = jnp.sum(eye, axis=-1, keepdims=True)  # (K, …, 1): 1 at the column's position t
+    scale = p
+    if target is not None:
+        weight = jnp.sum(_probabilities(output, target), axis=-1, keepdims=True)
+        scale = p * weight
+    return _column_scale(jnp.sqrt(scale)) * (eye - at * p[None])
+
+
 def _categorical_sample(key: Array, outputs: Array, num_samples: int) -> Array:
     return jax.random.categorical(key, outputs, axis=-1, shape=(num_samples, *outputs.shape[:-1]))
 
@@ -91,6 +114,12 @@ def _mse_grad(outputs: Array, targets: Array) -> Array:
 def _mse_hessian_mv(outputs: Array, targets: Array | None, u: Array) -> Array:
     del targets
     return jnp.asarray(u, outputs.dtype) / outputs.shape[0]
+
+
+def _identity_factor(output: Array, target: Array | None) -> Array:
+    del target
+    size = output.size
+    return jnp.eye(size, dtype=output.dtype).reshape(size, *output.shape)
 
 
 def _gaussian_sample(key: Array, outputs: Array, num_samples: int) -> Array:
@@ -120,6 +149,12 @@ def _sigmoid_hessian_mv(outputs: Array, targets: Array | None, u: Array) -> Arra
     return s * (1 - s) * jnp.asarray(u, outputs.dtype) / outputs.shape[0]
 
 
+def _sigmoid_factor(output: Array, target: Array | None) -> Array:
+    del target
+    s = jax.nn.sigmoid(output)
+    return _column_scale(jnp.sqrt(s * (1 - s))) * _identity_factor(output, None)
+
+
 def _bernoulli_sample(key: Array, outputs: Array, num_samples: int) -> Array:
     shape = (num_samples, *outputs.shape)
     return jax.random.bernoulli(key, jax.nn.sigmoid(outputs), shape).astype(outputs.dtype)
@@ -145,6 +180,9 @@ class Loss:
     sample: Callable[[Array, Array, int], Array]
     targets_ok: Callable[..., Any]  # (outputs or their structure, targets, xp=jnp) -> bool
     targets_doc: str
+    # (one example's output o, its target or None) -> S of shape (K, *o.shape), K = o.size,
+    # with Σ_k S_k S_kᵀ = ∇²_o ℓ_b(o) (per example, not divided by B): a symmetric factor.
+    hessian_factor: Callable[[Array, Array | None], Array]
 
 
 LOSSES: dict[str, Loss] = {
@@ -159,6 +197,7 @@ LOSSES: dict[str, Loss] = {
             _categorical_sample,
             _softmax_targets_ok,
             "integer labels in [0, C) or probabilities (nonnegative, summing to 1 over the last axis)",
+            _softmax_factor,
         ),
         Loss(
             "mse",
@@ -169,6 +208,7 @@ LOSSES: dict[str, Loss] = {
             _gaussian_sample,
             _finite_targets,
             "finite real numbers",
+            _identity_factor,
         ),
         Loss(
             "sigmoid_cross_entropy",
@@ -179,6 +219,7 @@ LOSSES: dict[str, Loss] = {
             _bernoulli_sample,
             _unit_interval_targets,
             "numbers in [0, 1]",
+            _sigmoid_factor,
         ),
     )
 }
