@@ -335,6 +335,37 @@ def eigsh_program_has_no_host_transfer():
             assert_no_host_or_single_device(text)
 
 
+@check
+def hessian_free_update_matches_unsharded():
+    from hessfree.optim import hessian_free
+
+    w = problem()
+    tx = hessian_free(w.model, "softmax_cross_entropy", preconditioner=True)
+
+    @jax.jit
+    def step(params, state, inputs, labels):
+        grads = jax.grad(w.f)(params, inputs, labels)
+        updates, state = tx.update(grads, state, params, inputs=inputs, targets=labels)
+        return updates, state
+
+    state = tx.init(w.x)
+    ref_updates, ref_state = step(w.x, state, *w.args)
+    assert not bool(ref_state.skipped)
+    for mesh_name, mesh in meshes():
+        with jax.set_mesh(mesh):
+            params, inputs, labels = shard_problem(w, mesh)
+            updates, new_state = step(params, tx.init(params), inputs, labels)
+            assert_close(updates, ref_updates, rtol=1e-8)
+            assert_close(new_state.direction, ref_state.direction, rtol=1e-8)
+            for field in ("damping", "rho", "loss_after", "step_size"):
+                np.testing.assert_allclose(
+                    getattr(new_state, field), getattr(ref_state, field), rtol=1e-8
+                )
+            assert int(new_state.cg_iterations) == int(ref_state.cg_iterations)
+            if "Explicit" in mesh_name:
+                assert_same_sharding(updates, params)
+
+
 def softmax_xent(logits, labels):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(

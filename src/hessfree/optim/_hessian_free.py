@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from .. import _tree as tree
-from .._losses import LOSSES, get_loss
+from .._losses import LOSSES, check_targets, get_loss
 from .._model_curvature import fisher, ggn
 from .._operators import CurvatureOperator, apply, hessian
 from .._staging import staged
@@ -32,6 +33,7 @@ from .._validation import (
     check_floating,
     check_number,
     check_positive_int,
+    describe_tree,
 )
 
 CURVATURES = ("ggn", "hessian", "fisher")
@@ -71,7 +73,7 @@ class HessianFreeState(NamedTuple):
 class _BatchLoss:
     """``θ -> loss(model(θ, X), Y)``: the batch-mean loss, static, compared by its parts."""
 
-    __slots__ = ("loss", "model")
+    __slots__ = ("__weakref__", "loss", "model")
 
     def __init__(self, model: Callable[..., Any], loss: str | Callable[..., Any]) -> None:
         self.model, self.loss = model, loss
@@ -141,7 +143,8 @@ def _martens_cg(
     z0 = precondition(r0)
     phi0 = 0.5 * tree.vdot(x0, tree.sub(g, r0))
     rz0 = tree.vdot(r0, z0)
-    empty = jax.tree_util.tree_map(lambda a: jnp.zeros((keep, *a.shape), a.dtype), x0)
+    gg = tree.vdot(g, g)
+    empty = tree.empty_basis(tree.zeros_like(x0), keep)  # in x0's layout
 
     def store(s: _CG, x: PyTree, phi: jax.Array, i: jax.Array) -> tuple:
         slot = s.num_saved % keep
@@ -181,7 +184,7 @@ def _martens_cg(
         new = jax.tree_util.tree_map(
             lambda a, b: jnp.where(good, a, b), new, s._replace(done=s.done)
         )
-        small = jnp.abs(rz) <= (64 * jnp.finfo(dtype).eps) ** 2 * jnp.abs(rz0)  # r at rounding
+        small = tree.vdot(r, r) <= (64 * jnp.finfo(dtype).eps) ** 2 * gg  # r at rounding
         finished = ~good | progress | (i >= maxiter) | small
         return new._replace(done=finished)
 
@@ -381,9 +384,30 @@ def hessian_free(
             raise TypeError(msg)
         check_floating(params, "params")
         inputs, targets = extra["inputs"], extra["targets"]
+        _check_batch(batch_loss, params, inputs, targets)
         return staged(_update, updates, state, params, inputs, targets, settings=settings)
 
     return optax.GradientTransformationExtraArgs(init, update)  # pyright: ignore[reportArgumentType]
+
+
+def _check_batch(batch_loss: _BatchLoss, params: PyTree, inputs: PyTree, targets: PyTree) -> None:
+    """The curvature batch fits the model and loss (shapes always; target values if concrete)."""
+    try:
+        outputs = jax.eval_shape(batch_loss.model, params, inputs)
+    except Exception as err:
+        msg = (
+            f"inputs must be a batch the model accepts: model(params, inputs) failed on the "
+            f"curvature batch ({describe_tree(inputs)}): {type(err).__name__}: {err}"
+        )
+        raise TypeError(msg) from err
+    if not isinstance(batch_loss.loss, str):
+        return
+    row = get_loss(batch_loss.loss)
+    check_targets(row, outputs, targets)
+    concrete = not any(isinstance(t, jax.core.Tracer) for t in jax.tree_util.tree_leaves(targets))
+    if concrete and not bool(row.targets_ok(outputs, np.asarray(targets), xp=np)):
+        msg = f"targets for loss {row.name!r} must be {row.targets_doc}; got values out of range"
+        raise ValueError(msg)
 
 
 class _Settings(NamedTuple):
