@@ -7,6 +7,9 @@ shapes: calling it again at new parameter values compiles nothing.
 """
 
 from ._batches import over_batches as over_batches
+from ._blocks import block_diagonal as block_diagonal
+from ._blocks import blocks as blocks
+from ._blocks import layer_masks as layer_masks
 from ._cg import cg as cg
 from ._cost import ModeCost as ModeCost
 from ._cost import cost as cost
@@ -56,11 +59,14 @@ __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     "select_mode",
     # operators
     "CurvatureOperator",
+    "block_diagonal",
+    "blocks",
     "fisher",
     "fisher_diagonal",
     "ggn",
     "ggn_diagonal",
     "hessian",
+    "layer_masks",
     "over_batches",
     # results and the shared status table
     "STATUS_MESSAGES",
