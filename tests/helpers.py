@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -56,3 +57,22 @@ def random_like(key, tree: Any) -> Any:
             for k, l in zip(keys, leaves, strict=False)
         ],
     )
+
+
+_COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: (
+        _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a list that holds, on exit, one entry per XLA backend compile inside the block."""
+    start = len(_COMPILES)
+    out: list[str] = []
+    try:
+        yield out
+    finally:
+        out.extend(_COMPILES[start:])

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import hessfree as hf
-from helpers import flat, random_like
-from test_loop import count_compiles
+from helpers import count_compiles, flat, random_like
 
 
 def mlp(p, x):

@@ -8,7 +8,6 @@ from the leaves' key paths, independently of the mask code under test.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -18,29 +17,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import hessfree as hf
-from helpers import dense_hessian, flat, random_like
+from helpers import count_compiles, dense_hessian, flat, random_like
 from hessfree import _staging, block_diagonal, blocks, layer_masks
 from hessfree._operators import embed, select
 
 D_IN, HIDDEN, C, B = 3, 4, 3, 5
-
-_COMPILES: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: (
-        _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-    )
-)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Yields a list holding, on exit, one entry per XLA backend compile inside the block."""
-    start = len(_COMPILES)
-    out: list[str] = []
-    try:
-        yield out
-    finally:
-        out.extend(_COMPILES[start:])
 
 
 @functools.cache

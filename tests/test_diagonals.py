@@ -1,6 +1,5 @@
 """ggn_diagonal and fisher_diagonal vs dense float64 references built independently."""
 
-import contextlib
 import functools
 
 import jax
@@ -10,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import hessfree as hf
-from helpers import flat, to_f64
+from helpers import count_compiles, flat, to_f64
 from hessfree import _losses, _staging, fisher_diagonal, ggn_diagonal
 
 B, D_IN, HIDDEN, C, T = 5, 3, 4, 3, 2
@@ -427,24 +426,6 @@ def test_jit_and_vmap():
     fd = jax.vmap(lambda k: fisher_diagonal(mlp, params, x, likelihood="categorical", kind="mc", key=k))(keys)  # fmt: skip
     one = fisher_diagonal(mlp, params, x, likelihood="categorical", kind="mc", key=keys[1])
     np.testing.assert_allclose(flat(jax.tree.map(lambda a: a[1], fd)), flat(one), rtol=1e-10)
-
-
-_COMPILES: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: (
-        _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-    )
-)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    start = len(_COMPILES)
-    out: list[str] = []
-    try:
-        yield out
-    finally:
-        out.extend(_COMPILES[start:])
 
 
 def test_no_recompiles_at_new_params():

@@ -7,33 +7,14 @@ compiles everything once) no step may compile anything, with or without a jit of
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hessfree as hf
+from helpers import count_compiles
 from hessfree import _staging
-
-_COMPILES: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: (
-        _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-    )
-)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Yields a list that holds, on exit, one entry per XLA backend compile inside the block."""
-    start = len(_COMPILES)
-    out: list[str] = []
-    try:
-        yield out
-    finally:
-        out.extend(_COMPILES[start:])
 
 
 def mlp(p, x):

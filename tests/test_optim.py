@@ -11,10 +11,9 @@ import optax
 import pytest
 
 import hessfree as hf
-from helpers import flat
+from helpers import count_compiles, flat
 from hessfree.optim import HessianFreeState, hessian_free
 from hessfree.optim._hessian_free import _martens_cg, _save_schedule
-from test_loop import count_compiles
 
 
 def mlp(p, x):
