@@ -84,3 +84,22 @@ def test_readme_flax_and_equinox_forms_run():
     )(logits)
     dense = jax.numpy.einsum("bip,bicj,cjq->pq", J, HL, J)
     np.testing.assert_allclose(namespace["G"].to_dense(), dense, rtol=1e-4, atol=1e-6)
+
+
+def test_readme_training_example_trains():
+    code = _python_blocks()[3]
+    out = io.StringIO()
+    namespace: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(README), "exec"), namespace)
+    damping, cg_iterations, trained = out.getvalue().split()
+    assert 1e-8 <= float(damping) < 1.0 and int(cg_iterations) >= 1 and trained == "True"
+    state, loss = namespace["state"], namespace["loss"]
+    assert not bool(state.skipped) and int(state.count) == 10
+    # the loss it reports is the loss of the data it trained on, recomputed independently
+    p, x, y = namespace["params"], namespace["x"], namespace["y"]
+    logits = np.tanh(np.asarray(x) @ np.asarray(p["w1"])) @ np.asarray(p["w2"])
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    np.testing.assert_allclose(
+        -logp[np.arange(len(y)), np.asarray(y)].mean(), loss(p, x, y), rtol=1e-5
+    )
