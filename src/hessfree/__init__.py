@@ -21,6 +21,9 @@ from ._eigsh import eigsh as eigsh
 from ._estimators import diagonal as diagonal
 from ._estimators import trace as trace
 from ._krylov import lanczos as lanczos
+from ._laplace import Laplace as Laplace
+from ._laplace import Predictive as Predictive
+from ._laplace import laplace as laplace
 from ._minimize import Minimizer as Minimizer
 from ._minimize import MinimizeState as MinimizeState
 from ._minimize import minimize as minimize
@@ -90,4 +93,8 @@ __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     "per_example_vhv",
     "spectral_density",
     "trace",
+    # workflows
+    "Laplace",
+    "Predictive",
+    "laplace",
 ]
