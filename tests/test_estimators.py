@@ -135,11 +135,12 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match=r"num_probes must be a positive integer; got float 3\.0"):
         trace(A, key=KEY, num_probes=3.0)  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match=r"method must be one of \['hutchinson', 'hutch\+\+'\]; got 'xtrace'"
+        ValueError,
+        match=r"method must be one of \['hutchinson', 'hutch\+\+', 'xtrace'\]; got 'xtrace2'",
     ):
-        trace(A, key=KEY, num_probes=3, method="xtrace")
+        trace(A, key=KEY, num_probes=3, method="xtrace2")
     with pytest.raises(
-        ValueError, match=r"method must be one of \['hutchinson'\]; got 'hutch\+\+'"
+        ValueError, match=r"method must be one of \['hutchinson', 'xdiag'\]; got 'hutch\+\+'"
     ):
         diagonal(A, key=KEY, num_probes=3, method="hutch++")
     with pytest.raises(
