@@ -20,6 +20,10 @@ from ._diagonals import ggn_diagonal as ggn_diagonal
 from ._eigsh import eigsh as eigsh
 from ._estimators import diagonal as diagonal
 from ._estimators import trace as trace
+from ._influence import InfluenceScores as InfluenceScores
+from ._influence import influence as influence
+from ._influence import predicted_loss_change as predicted_loss_change
+from ._influence import self_influence as self_influence
 from ._krylov import lanczos as lanczos
 from ._laplace import Laplace as Laplace
 from ._laplace import Predictive as Predictive
@@ -94,7 +98,11 @@ __all__ = [  # noqa: RUF022  (grouped by layer, as the README lists them)
     "spectral_density",
     "trace",
     # workflows
+    "InfluenceScores",
     "Laplace",
     "Predictive",
+    "influence",
     "laplace",
+    "predicted_loss_change",
+    "self_influence",
 ]
