@@ -201,10 +201,175 @@ def test_grad_through_a_partial_operator():
     np.testing.assert_allclose(jax.jit(jax.grad(top))(M), g_ref, atol=1e-9)
 
 
-def test_eigenvectors_carry_no_gradient():
+# --- 6b. eigenvector derivatives (Nelson 1976 / Magnus 1985, a CG solve per vector) ----------
+
+MIXED = [-3.5, -1.0, 0.5, 1.5, 2.0, 4.0]  # LM k=2 wants -3.5 and 4: one of each sign
+
+
+def wanted(w, which, k):
+    """Indices (ascending eigenvalue) of the k wanted among eigh's ascending values w."""
+    score = {"LA": -w, "SA": w, "LM": -jnp.abs(w)}[which]
+    return jnp.sort(jnp.argsort(score)[:k])
+
+
+def projectors(Y):
+    """``yᵢyᵢᵀ`` for the rows of Y: sign-invariant functions of the eigenvectors."""
+    return jnp.einsum("ki,kj->kij", Y, Y)
+
+
+def eigh_vectors(M, which, k):
+    """The k wanted eigenvectors as rows, through jnp.linalg.eigh (unrolled reference)."""
+    w, V = jnp.linalg.eigh(M)
+    return V[:, wanted(w, which, k)].T
+
+
+def sym(G):
+    """Symmetric part in the last two axes: the gradient in the space of symmetric matrices."""
+    return (G + jnp.swapaxes(G, -1, -2)) / 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_eigenvector_derivatives_of_a_dense_matrix_match_eigh(dtype, which):
+    M = jnp.asarray(with_spectrum(np.array(MIXED)), dtype)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=6), dtype)
+    c = jnp.array([1.0, 2.0], dtype)
+
+    def ours(M):
+        return projectors(hf.eigsh(M, 2, which=which, key=KEY).eigenvectors)
+
+    def ref(M):
+        return projectors(eigh_vectors(M, which, 2))
+
+    atol = 10 * rtol_of(dtype)
+    np.testing.assert_allclose(sym(jax.jacrev(ours)(M)), jax.jacrev(ref)(M), atol=atol)
+
+    def loss(f):  # Σ cᵢ (wᵀyᵢ)²
+        return lambda M: jnp.einsum("kij,i,j,k->", f(M), w, w, c)
+
+    np.testing.assert_allclose(sym(jax.grad(loss(ours))(M)), jax.grad(loss(ref))(M), atol=atol)
+    E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 6), seed=3), dtype)
+    np.testing.assert_allclose(jax.jvp(ours, (M,), (E,))[1], jax.jvp(ref, (M,), (E,))[1], atol=atol)
+
+
+def test_eigenvector_derivatives_match_finite_differences():
+    M = jnp.asarray(with_spectrum(np.array(MIXED)))
+    E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 6), seed=3))
+    for which in ("LA", "SA", "LM"):
+
+        def f(t, which=which):
+            return projectors(hf.eigsh(M + t * E, 2, which=which, key=KEY).eigenvectors)
+
+        h = 1e-5
+        fd = (f(h) - f(-h)) / (2 * h)
+        np.testing.assert_allclose(jax.jacfwd(f)(0.0), fd, atol=1e-8)
+        np.testing.assert_allclose(jax.jacrev(f)(0.0), fd, atol=1e-8)
+
+
+def coupled(x, d):
+    """A Hessian with off-diagonal entries that depend on the data d and the point x."""
+    return 0.5 * jnp.sum(d * x**2) + 0.5 * jnp.sum(d[1:] * x[1:] * x[:-1]) + 0.1 * jnp.sum(x**4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_of_a_hessian_eigenvector_wrt_data_and_point(dtype):
+    n = 8
+    d = jnp.asarray(np.linspace(1.0, 4.0, n), dtype)
+    x = jnp.asarray(np.linspace(-0.5, 0.5, n), dtype)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=n), dtype)
+
+    def top(x, d):
+        Y = hf.eigsh(hf.hessian(coupled, x, d), 2, key=KEY).eigenvectors
+        return jnp.sum((Y @ w) ** 2 * jnp.array([1.0, 2.0], dtype))
+
+    def ref(x, d):
+        Y = jnp.linalg.eigh(jax.hessian(coupled)(x, d))[1][:, -2:].T
+        return jnp.sum((Y @ w) ** 2 * jnp.array([1.0, 2.0], dtype))
+
+    for argnum in (0, 1):
+        np.testing.assert_allclose(
+            jax.grad(top, argnum)(x, d), jax.grad(ref, argnum)(x, d), atol=10 * rtol_of(dtype)
+        )
+
+
+def test_grad_of_eigenvectors_through_a_partial_operator_under_jit_and_vmap():
     M = gapped(jnp.float64)
-    g = jax.grad(lambda M: jnp.sum(hf.eigsh(M, 1, key=KEY).eigenvectors ** 3))(M)
-    np.testing.assert_array_equal(g, 0.0)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=6))
+
+    def apply(M, v):
+        return M @ v
+
+    def top(M):
+        op = jax.tree_util.Partial(apply, M)
+        y = hf.eigsh(op, 1, key=KEY, like=jnp.zeros(6)).eigenvectors[0]
+        return (w @ y) ** 2
+
+    g_ref = jax.grad(lambda M: (w @ jnp.linalg.eigh(M)[1][:, -1]) ** 2)(M)
+    np.testing.assert_allclose(sym(jax.grad(top)(M)), g_ref, atol=1e-9)
+    np.testing.assert_allclose(sym(jax.jit(jax.grad(top))(M)), g_ref, atol=1e-9)
+    stack = jnp.stack([M, 2 * M])
+    np.testing.assert_allclose(sym(jax.vmap(jax.grad(top))(stack)[1]), g_ref / 2, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [2, 3])
+def test_repeated_eigenvalue_gives_nan_eigenvector_derivatives_only(dtype, k):
+    # spectrum 1, 2, 2, 5: k = 3 holds the tie; k = 2 cuts it (2 wanted, its copy left out)
+    M = jnp.asarray(with_spectrum(np.array([1.0, 2.0, 2.0, 5.0])), dtype)
+    E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 4), seed=3), dtype)
+    w = jnp.asarray([0.3, -1.0, 0.5, 2.0], dtype)
+
+    def res(M):
+        return hf.eigsh(M, k, key=KEY)
+
+    def loss(M, i):
+        return (w @ res(M).eigenvectors[i]) ** 2
+
+    tangent = jax.jvp(res, (M,), (E,))[1]
+    tied = 0  # eigenvectors[0] belongs to a copy of 2
+    assert np.all(np.isnan(tangent.eigenvectors[tied]))
+    assert np.all(np.isnan(jax.grad(loss)(M, tied)))
+    # eigenvalue derivatives stay finite (with the tie inside, their sum is unique)
+    g = jax.grad(lambda M: jnp.sum(res(M).eigenvalues))(M)
+    assert np.all(np.isfinite(g))
+    if k == 3:
+        g_ref = jax.grad(lambda M: jnp.sum(jnp.linalg.eigvalsh(M)[-k:]))(M)
+        np.testing.assert_allclose(g, g_ref, atol=10 * rtol_of(dtype))
+
+    # the simple eigenvalue's vector (θ = 5) keeps a finite derivative, in both modes
+    def simple(M):  # forward through eigh: its 1/0 stays in the tied columns
+        return jnp.linalg.eigh(M)[1][:, -1]
+
+    y, dy = jax.jvp(simple, (M,), (E,))
+    sign = jnp.sign(y @ res(M).eigenvectors[-1])
+    atol = 10 * rtol_of(dtype)
+    np.testing.assert_allclose(sign * tangent.eigenvectors[-1], dy, atol=atol)
+    directional = jnp.sum(jax.grad(loss)(M, -1) * E)
+    np.testing.assert_allclose(directional, 2 * (w @ y) * (w @ dy), atol=atol)
+
+
+def test_second_derivatives_of_eigenpairs_match_eigh():
+    M = jnp.asarray(with_spectrum(np.array(MIXED)))
+    E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 6), seed=3))
+    w = jnp.asarray(np.random.default_rng(1).normal(size=6))
+
+    def second(f):
+        return jax.jvp(lambda t: jax.jvp(f, (M + t * E,), (E,))[1], (0.0,), (1.0,))[1]
+
+    value = lambda M: hf.eigsh(M, 2, key=KEY).eigenvalues  # noqa: E731
+    vector = lambda M: projectors(hf.eigsh(M, 2, key=KEY).eigenvectors) @ w  # noqa: E731
+    np.testing.assert_allclose(
+        second(value), second(lambda M: jnp.linalg.eigvalsh(M)[-2:]), atol=1e-8
+    )
+    np.testing.assert_allclose(
+        second(vector), second(lambda M: projectors(eigh_vectors(M, "LA", 2)) @ w), atol=1e-8
+    )
+    loss = lambda f: lambda M: jnp.sum(f(M) ** 2)  # noqa: E731
+    H = jax.hessian(loss(vector))(M)
+    H_ref = jax.hessian(loss(lambda M: projectors(eigh_vectors(M, "LA", 2)) @ w))(M)
+    np.testing.assert_allclose(
+        jnp.einsum("ij,ijkl,kl->", E, H, E), jnp.einsum("ij,ijkl,kl->", E, H_ref, E), rtol=1e-7
+    )
 
 
 # --- 7. scale fuzz: within the stated tolerance of eigvalsh, or not success -------------------

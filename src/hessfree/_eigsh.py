@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _tree as tree
+from ._cg import pcg
 from ._krylov import (
     checked_start,
     expand,
@@ -249,24 +250,164 @@ def _eigsh_impl(
 
     @solve.defjvp
     def solve_jvp(primals: tuple, tangents: tuple) -> tuple[EigshResult, EigshResult]:
-        # Hellmann-Feynman: dθᵢ = yᵢᵀ (dA) yᵢ for unit eigenvectors yᵢ (held fixed: their
-        # derivative needs the eigengaps and is not provided).
+        # Hellmann-Feynman: dθᵢ = yᵢᵀ (dA) yᵢ for unit eigenvectors yᵢ; and
+        # dyᵢ = (θᵢI − A)⁺ (dA) yᵢ, see _eigenvector_tangents. Nothing is held fixed, so
+        # differentiating this rule again gives second derivatives.
         arrays, like, v0, key = primals
         res = solve(arrays, like, v0, key)
-        vectors = jax.lax.stop_gradient(res.eigenvectors)
+        vectors = res.eigenvectors
 
         def product(arrays: list, y: PyTree) -> PyTree:
-            return tree_operator(rebuild(arrays), like).matvec(y)
+            return tree.cast_like(tree_operator(rebuild(arrays), like).matvec(y), y)
 
-        def directional(y: PyTree) -> jax.Array:
-            d_av = jax.jvp(lambda a: product(a, y), (arrays,), (tangents[0],))[1]
-            return tree.vdot(y, d_av)
+        def d_product(y: PyTree) -> PyTree:
+            return jax.jvp(lambda a: product(a, y), (arrays,), (tangents[0],))[1]
 
-        d_theta = jax.vmap(directional)(vectors).astype(res.eigenvalues.dtype)
+        d_av = jax.vmap(d_product)(vectors)
+        d_theta = tree.rowwise_vdot(vectors, d_av).astype(res.eigenvalues.dtype)
+        d_vectors = _eigenvector_tangents(
+            lambda v: product(arrays, v),
+            vectors,
+            res.eigenvalues,
+            res.residuals,
+            d_av,
+            which,
+            tol,
+        )
         zero = jax.tree_util.tree_map(_zero_tangent, res)
-        return res, zero._replace(eigenvalues=d_theta)
+        return res, zero._replace(eigenvalues=d_theta, eigenvectors=d_vectors)
 
     return solve(arrays, like, v0, key)
+
+
+# --- eigenvector derivatives ----------------------------------------------------------------
+
+
+def _gap_floor(theta: jax.Array, residuals: jax.Array) -> jax.Array:
+    """``δ = √eps·max|θ| + 2·max‖A y − θ y‖``: eigenvalues closer than δ count as one.
+
+    A Ritz vector is known only to about ``(residual + eps·‖A‖)/gap``, so below δ the
+    eigenvector derivative (``∝ 1/gap``) is not determined by the computed pairs.
+    """
+    eps = jnp.finfo(theta.dtype).eps
+    return np.sqrt(eps) * jnp.max(jnp.abs(theta)) + 2 * jnp.max(residuals)
+
+
+def _signs(theta: jax.Array, which: str) -> jax.Array:
+    """``sᵢ`` with ``sᵢ(θᵢ − λ) >= 0`` for every eigenvalue λ left out of the wanted set.
+
+    LA: +1; SA: −1; LM: ``sign θᵢ``, since every λ left out has ``|λ| <= min|θ|``, so
+    ``sign(θᵢ)(θᵢ − λ) >= |θᵢ| − |λ| >= 0``. Then ``sᵢ Q(θᵢI − A)Q`` is positive definite on
+    range Q when the wanted set is gapped from the rest: a CG system.
+    """
+    if which == "LA":
+        return jnp.ones_like(theta)
+    if which == "SA":
+        return -jnp.ones_like(theta)
+    return jnp.sign(theta)
+
+
+def _project_out(Y: PyTree, v: PyTree) -> PyTree:
+    """``Q v = v − Y (Yᵀ v)`` (Y's rows orthonormal): the part of v outside span(Y)."""
+    return tree.sub(v, tree.combine(tree.project(Y, v), Y))
+
+
+def _nan_like(x: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda xl: jnp.full_like(xl, jnp.nan), x)
+
+
+def _identity(v: PyTree) -> PyTree:
+    return v
+
+
+def _eigenvector_tangent(
+    matvec: MatVec,
+    Y: PyTree,
+    theta: jax.Array,
+    i: jax.Array,
+    sign: jax.Array,
+    b: PyTree,
+    delta: jax.Array,
+    rtol: float,
+    maxiter: int,
+) -> PyTree:
+    """One eigenvector's derivative ``dyᵢ = T̃ᵢ⁻¹ b``, ``b = (I − yᵢyᵢᵀ)(dA)yᵢ``: one CG solve.
+
+    Split by ``I = YYᵀ + Q``:
+    ``dyᵢ = Σ_{j≠i} (yⱼᵀb)/(θᵢ − θⱼ) yⱼ + (Q(θᵢI − A)Q)|_{range Q}⁻¹ Q b``
+    (Nelson 1976, Magnus 1985). ``T̃ᵢ = Y diag(θᵢ − θⱼ; σ at j = i) Yᵀ + Q(θᵢI − A)Q`` is
+    invertible and symmetric, and equals ``θᵢI − A`` on yᵢ⊥ for exact eigenpairs (so
+    ``yᵢᵀdyᵢ = 0`` and differentiating T̃ᵢ gives exact second derivatives). CG solves on
+    ``sᵢQ(θᵢI − A)Q + σYYᵀ`` (definite, see _signs) until ``‖r‖ <= rtol·‖b‖``, at most
+    `maxiter` steps of one product each (plus one to check the residual). The solve is a
+    ``lax.custom_linear_solve`` with ``symmetric=True``: reverse mode transposes it into the
+    same solve on the cotangent, and its own derivative is ``−T̃ᵢ⁻¹(dT̃ᵢ)x`` (second order).
+
+    NaN (every entry, only where the right-hand side needs it) where the gap does not allow:
+    a coupling ``yⱼᵀb ≠ 0`` to a θⱼ within `delta` of θᵢ; a CG that meets non-positive
+    curvature (the wanted set is not gapped from the rest), breaks down or does not converge;
+    or a solution with ``δ·‖x‖ >= ‖Qb‖`` (then ``sᵢQ(θᵢI − A)Q`` has an eigenvalue
+    ``<= ‖Qb‖/‖x‖ <= δ``: the gap to the eigenvalues left out is below δ).
+    """
+    others = jnp.arange(theta.shape[0]) != i
+    shift = jnp.max(jnp.abs(theta)) + 2 * delta  # σ > δ
+    weights = jnp.where(others, theta[i] - theta, shift)  # θᵢ − θⱼ; σ at j = i
+    split = jnp.abs(weights) > delta
+
+    def restricted(v: PyTree) -> PyTree:  # Q (θᵢI − A) Q v
+        q = _project_out(Y, v)
+        return _project_out(Y, tree.axpy(-1.0, matvec(q), tree.scale(theta[i], q)))
+
+    def definite(v: PyTree) -> PyTree:  # sᵢ Q (θᵢI − A) Q v + σ YYᵀ v
+        return tree.axpy(
+            shift, tree.combine(tree.project(Y, v), Y), tree.scale(sign, restricted(v))
+        )
+
+    def operator(v: PyTree) -> PyTree:  # T̃ᵢ v
+        return tree.axpy(1.0, tree.combine(weights * tree.project(Y, v), Y), restricted(v))
+
+    def inverse(_: MatVec, rhs: PyTree) -> PyTree:  # T̃ᵢ⁻¹ rhs, NaN where the gap is missing
+        c = tree.project(Y, rhs)
+        ties = jnp.where(c == 0, 0, jnp.nan)
+        coef = jnp.where(split, c / jnp.where(split, weights, 1), ties)
+        q = _project_out(Y, rhs)
+        # tolerance relative to all of rhs: Q rhs may be rounding alone
+        st = pcg(definite, q, None, _identity, rtol * tree.norm(rhs), maxiter, verify=True)
+        x = _project_out(Y, st.x)
+        x_norm, q_norm = tree.norm(x), tree.norm(q)
+        near = (x_norm > 0) & (delta * x_norm >= q_norm)
+        x = tree.where(st.converged & ~near, tree.scale(sign, x), _nan_like(x))
+        return tree.axpy(1.0, tree.combine(coef, Y), x)
+
+    return jax.lax.custom_linear_solve(operator, b, inverse, symmetric=True)
+
+
+def _eigenvector_tangents(
+    matvec: MatVec,
+    Y: PyTree,
+    theta: jax.Array,
+    residuals: jax.Array,
+    d_av: PyTree,
+    which: str,
+    tol: float,
+) -> PyTree:
+    """``dyᵢ = (θᵢI − A)⁺ (dA) yᵢ`` for the k rows of Y, given ``d_av[i] = (dA) yᵢ``.
+
+    ``yᵢᵀdyᵢ = 0`` (unit length, sign held). One CG solve per eigenvector (vmapped over the
+    k), to the relative residual `tol` the eigenpairs were computed to, at most ``10·n``
+    products each; see _eigenvector_tangent.
+    """
+    k = theta.shape[0]
+    n = tree.size(Y) // k
+    delta = _gap_floor(theta, jax.lax.stop_gradient(residuals))
+    signs = _signs(theta, which)
+    d_av = tree.cast_like(d_av, Y)
+    b = tree.sub(d_av, jax.vmap(tree.scale)(tree.rowwise_vdot(Y, d_av), Y))  # P (dA) yᵢ
+
+    def one(i: jax.Array, sign: jax.Array, b: PyTree) -> PyTree:
+        return _eigenvector_tangent(matvec, Y, theta, i, sign, b, delta, tol, 10 * n)
+
+    return jax.vmap(one)(jnp.arange(k), signs, b)
 
 
 def _zero_tangent(x: jax.Array) -> Any:
@@ -323,11 +464,30 @@ def eigsh(
     Cost: as many products (HVPs) as convergence needs, reported in ``num_matvecs``: those
     for k pairs, plus those for one more eigenpair from a fresh start (the check; about
     1-4x ARPACK in all at the same tolerance, which does not check multiplicity), plus
-    ``O(m² n)`` flops of reorthogonalization per product. Derivatives: ``jax.grad`` of the
-    eigenvalues with respect to the arrays inside A (a dense matrix, an operator's leaves, a
-    ``Partial``'s arguments) is ``dθᵢ = yᵢᵀ (dA) yᵢ`` (Hellmann-Feynman; k extra JVPs of
-    the product); the eigenvectors are held constant (stop_gradient): their derivative
-    needs the eigengaps and is not provided.
+    ``O(m² n)`` flops of reorthogonalization per product.
+
+    Derivatives (``jax.grad``, ``jacrev``, ``jvp``, ``jacfwd``, also of second order) with
+    respect to the arrays inside A (a dense matrix, an operator's leaves, a ``Partial``'s
+    arguments). Eigenvalues: ``dθᵢ = yᵢᵀ (dA) yᵢ`` (Hellmann-Feynman; k JVPs of the product).
+    Eigenvectors, with Y the k computed unit vectors and ``Q = I − YYᵀ``:
+    ``dyᵢ = Σ_{j≠i} (yⱼᵀ dA yᵢ)/(θᵢ − θⱼ) yⱼ + (θᵢI − A)|_{range Q}⁻¹ Q (dA) yᵢ`` (Nelson
+    1976, Magnus 1985), so ``yᵢᵀdyᵢ = 0``: unit length and sign are held. The second term is
+    one CG solve per eigenvector on ``sᵢ·Q(θᵢI − A)Q``, positive definite on range Q when
+    the wanted set is separated from the rest of the spectrum by a gap: ``sᵢ = +1`` for
+    "LA", −1 for "SA", ``sign θᵢ`` for "LM" (every eigenvalue λ left out has
+    ``|λ| <= min|θ|``, so LM needs no special case). It runs to relative residual `tol`
+    (as accurate as the eigenpairs themselves), in about ``√κ·log(1/tol)`` products with
+    ``κ = ‖A − θᵢI‖ / gap``, at most ``10·n``; reverse mode runs the same solve on the
+    cotangent (at once for a zero one); forward mode computes them with the eigenvalue
+    tangents unless ``jit`` finds them unused. Where the gap does not allow it the eigenvector
+    tangent is NaN, never silently wrong (eigenvalue tangents stay finite): a wanted θⱼ
+    within ``δ = √eps·max|θ| + 2·max(residuals)`` of θᵢ (a repeated eigenvalue; both
+    vectors), or a cut without a gap (the CG meets non-positive curvature, does not
+    converge, or its solution certifies an eigenvalue of ``sᵢQ(θᵢI − A)Q`` below δ).
+    Unconverged pairs (status 1) are differentiated as if exact: about ``residual/gap``
+    off. For a dense matrix the gradient is that of the products ``A v``, not symmetrized
+    (for eigenvectors it is not symmetric): take ``(G + Gᵀ)/2`` for the gradient in the
+    space of symmetric matrices.
 
     Tracking the top eigenvalue over training: pass the previous eigenvector as `v0`
     (``v0=jax.tree.map(lambda e: e[-1], res.eigenvectors)``); near convergence it needs
@@ -372,7 +532,9 @@ def eigsh(
 
     References:
         Wu & Simon, "Thick-restart Lanczos method for large symmetric eigenvalue problems",
-        SIAM J. Matrix Anal. Appl. 22, 2000.
+        SIAM J. Matrix Anal. Appl. 22, 2000. Nelson, "Simplified calculation of eigenvector
+        derivatives", AIAA J. 14, 1976. Magnus, "On differentiating eigenvalues and
+        eigenvectors", Econometric Theory 1, 1985.
     """
     check_choice(which, WHICH, "which")
     key, like, n = checked_start(A, v0, key, like, "eigsh")
