@@ -17,9 +17,9 @@ gets the same wall-time budget (``--seconds``, default 20) of its own step time.
 take turns of one second each, so that a change in the machine's load falls on all alike.
 Evaluations (test accuracy, the final loss) stop the clock.
 
-- ``hessian_free``: the defaults (GGN, λ₀ = 1, at most 50 CG iterations, Armijo line search);
+- ``hessian_free``: the defaults (GGN, λ₀ = 1, at most 20 CG iterations, Armijo line search);
   gradient batch = the whole training set, curvature batch = a fresh random quarter of it
-  (314 examples) every step (Martens 2010, sec. 4.3). ``--hf-variant cg_maxiter=20`` adds a
+  (314 examples) every step (Martens 2010, sec. 4.3). ``--hf-variant cg_maxiter=50`` adds a
   run with other options (the committed results have that one: see the JSON's meta).
 - ``adam``: optax.adam at each learning rate of the grid (``--lrs``), the best by final
   loss at the budget is "best Adam" (all are in the JSON).
@@ -656,7 +656,7 @@ if __name__ == "__main__":
                         choices=["autoencoder", "classifier"])  # fmt: skip
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="Adam's grid")
     parser.add_argument("--hf-variant", action="append", default=[], metavar="K=V[,K=V]",
-                        help="also run hessian_free with these options, e.g. cg_maxiter=20")  # fmt: skip
+                        help="also run hessian_free with these options, e.g. cg_maxiter=50")  # fmt: skip
     parser.add_argument("--out", default=None, help="path stem of the .json and .png")
     cli = parser.parse_args()
     seconds = cli.seconds if cli.seconds is not None else (0.5 if cli.quick else 20.0)

@@ -96,7 +96,7 @@ def main(
         """``mean_b ½‖x̂_b − x_b‖²``: hessian_free's "mse" (the targets are the inputs)."""
         return 0.5 * jnp.mean(jnp.sum((model(params, x) - x) ** 2, axis=-1))
 
-    tx = hessian_free(model, "mse")  # the defaults: GGN, λ₀ = 1, at most 50 CG iterations
+    tx = hessian_free(model, "mse")  # the defaults: GGN, λ₀ = 1, at most 20 CG iterations
     state = tx.init(params)
 
     @jax.jit

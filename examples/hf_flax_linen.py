@@ -82,7 +82,7 @@ def main(
         """The batch-mean softmax cross-entropy: the loss hessian_free is given by name."""
         return optax.softmax_cross_entropy_with_integer_labels(model(params, x), y).mean()
 
-    tx = hessian_free(model, "softmax_cross_entropy")  # the defaults: GGN, λ₀ = 1, 50 CG
+    tx = hessian_free(model, "softmax_cross_entropy")  # the defaults: GGN, λ₀ = 1, 20 CG
     state = tx.init(params)
 
     @jax.jit

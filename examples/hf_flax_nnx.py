@@ -85,7 +85,7 @@ def main(
         return optax.softmax_cross_entropy_with_integer_labels(model(params, x), y).mean()
 
     # one model function for the whole run: hessian_free compiles once per model function
-    tx = hessian_free(model, "softmax_cross_entropy")  # the defaults: GGN, λ₀ = 1, 50 CG
+    tx = hessian_free(model, "softmax_cross_entropy")  # the defaults: GGN, λ₀ = 1, 20 CG
     state = tx.init(params)
 
     @jax.jit

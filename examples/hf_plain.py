@@ -90,7 +90,7 @@ def main(
     curv_batch = min(curv_batch, grad_batch)
     key, init_key = jax.random.split(jax.random.key(seed))
     params = init(init_key, (x_tr.shape[1], hidden, 10))
-    tx = hessian_free(model, "softmax_cross_entropy")  # the defaults: GGN, λ₀ = 1, 50 CG
+    tx = hessian_free(model, "softmax_cross_entropy")  # the defaults: GGN, λ₀ = 1, 20 CG
     state = tx.init(params)
 
     @jax.jit

@@ -197,6 +197,40 @@ def test_at_the_minimum_damping_stays_bounded_and_steps_are_converged():
         assert w.dtype == dtype and state.damping.dtype == dtype
 
 
+def test_cross_entropy_at_the_float32_floor_is_converged_not_skipped():
+    # a separable 2-class problem drives the cross-entropy to float32's floor (~1e-8), where a
+    # mean of logs of sums >= 1 moves in steps of eps, not eps·f: those steps are rounding
+    # (converged), not failed line searches (skipped, λ raised) as a relative test read them
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    f32 = jnp.float32
+    X = jax.random.normal(k1, (256, 2), f32)
+    labels = (X[:, 0] * X[:, 1] > 0).astype(jnp.int32)
+    params = {
+        "w1": jax.random.normal(k2, (2, 32), f32) / 1.4, "b1": jnp.zeros(32, f32),
+        "w2": jax.random.normal(k3, (32, 2), f32) / 5.6, "b2": jnp.zeros(2, f32),
+    }  # fmt: skip
+    tx = hessian_free(mlp, "softmax_cross_entropy")
+
+    @jax.jit
+    def step(p, state):
+        g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            mlp(p, X), labels).mean())(p)  # fmt: skip
+        updates, state = tx.update(g, state, p, inputs=X, targets=labels)
+        return optax.apply_updates(p, updates), state
+
+    state = tx.init(params)
+    rows = []
+    for _ in range(150):
+        params, state = step(params, state)
+        rows.append((float(state.loss_after), bool(state.skipped), bool(state.converged)))
+    assert rows[-1][0] < 1e-6  # it did reach the floor
+    assert sum(s for _, s, _ in rows) == 0
+    assert all(c for _, _, c in rows[-20:])
+    assert float(state.damping) < 1.0
+    # converged is not claimed while the loss still falls well above rounding
+    assert not any(c for loss, _, c in rows if loss > 1e-4)
+
+
 # --- failures are skipped steps, never NaN parameters ---------------------------------------
 
 

@@ -183,6 +183,10 @@ class Loss:
     # (one example's output o, its target or None) -> S of shape (K, *o.shape), K = o.size,
     # with Σ_k S_k S_kᵀ = ∇²_o ℓ_b(o) (per example, not divided by B): a symmetric factor.
     hessian_factor: Callable[[Array, Array | None], Array]
+    # the absolute rounding of one example's loss, in units of eps: a cross-entropy is a log of
+    # a sum >= 1, resolved to about eps however small the loss is; a squared error's rounding
+    # is relative to it (0 here)
+    rounding_unit: float
 
 
 LOSSES: dict[str, Loss] = {
@@ -198,6 +202,7 @@ LOSSES: dict[str, Loss] = {
             _softmax_targets_ok,
             "integer labels in [0, C) or probabilities (nonnegative, summing to 1 over the last axis)",
             _softmax_factor,
+            1.0,
         ),
         Loss(
             "mse",
@@ -209,6 +214,7 @@ LOSSES: dict[str, Loss] = {
             _finite_targets,
             "finite real numbers",
             _identity_factor,
+            0.0,
         ),
         Loss(
             "sigmoid_cross_entropy",
@@ -220,6 +226,7 @@ LOSSES: dict[str, Loss] = {
             _unit_interval_targets,
             "numbers in [0, 1]",
             _sigmoid_factor,
+            1.0,
         ),
     )
 }
