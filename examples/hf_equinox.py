@@ -12,7 +12,7 @@ The autoencoder 64 → 32 → code → 32 → 64 (tanh) reconstructs standardize
 built-in ``"mse"`` loss, ``½‖x̂ − x‖²`` per example averaged over the batch; its Gauss-Newton
 matrix is ``JᵀJ / B``. Each step draws a *gradient batch* from the training set and uses its
 first quarter as the *curvature batch*: the gradient (one backward pass) is taken on many
-examples, the Gauss-Newton products inside CG (a few dozen per step) on a few (Martens 2010,
+examples, the Gauss-Newton products inside CG (up to 20 per step) on a few (Martens 2010,
 sec. 4.3). The whole step is one ``jax.jit``. For reference the script prints the loss of
 the best linear autoencoder with the same code size (PCA).
 

@@ -7,7 +7,7 @@ rest of the module's state (batch-norm statistics, RNG counters; empty here), an
 sees only ``params``; the rest is passed through unchanged. Each step draws a *gradient
 batch* from the training set and uses its first quarter as the *curvature batch*: the
 gradient (cheap, one backward pass) is taken on many examples, the Gauss-Newton products
-inside CG (a few dozen per step) on a few (Martens 2010, sec. 4.3). The whole step (sampling,
+inside CG (up to 20 per step) on a few (Martens 2010, sec. 4.3). The whole step (sampling,
 gradient, CG, line search, damping update) is one ``jax.jit``.
 
     python examples/hf_flax_nnx.py [--steps 40] [--grad-batch 512] [--curv-batch 128]

@@ -4,7 +4,7 @@ The parameters are a dict of arrays and the model a function ``model(params, x)`
 smallest setup :func:`hessfree.optim.hessian_free` works with. Each step draws a *gradient
 batch* from the training set and uses its first quarter as the *curvature batch*: the
 gradient (cheap, one backward pass) is taken on many examples, the Gauss-Newton products
-inside CG (a few dozen per step) on a few (Martens 2010, sec. 4.3). The whole step (sampling,
+inside CG (up to 20 per step) on a few (Martens 2010, sec. 4.3). The whole step (sampling,
 gradient, CG, line search, damping update) is one ``jax.jit``.
 
     python examples/hf_plain.py [--steps 40] [--grad-batch 512] [--curv-batch 128]

@@ -70,8 +70,14 @@ def staged(fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
     unhashable object inside a user function's pytree), the call runs without staging.
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    dynamic = [leaf for leaf in leaves if _dynamic(leaf)]
-    statics = tuple(_HOLE if _dynamic(leaf) else leaf for leaf in leaves)
+    dynamic, statics = [], []
+    for leaf in leaves:  # one pass: this runs on every eager call
+        if isinstance(leaf, _ARRAY_TYPES):
+            dynamic.append(leaf)
+            statics.append(_HOLE)
+        else:
+            statics.append(leaf)
+    statics = tuple(statics)
     try:
         static = _Static((treedef, statics))
         opts = _Static(tuple(sorted(options.items())))
