@@ -6,6 +6,8 @@ training examples):
 - ``autoencoder``: the deep autoencoder 64-128-64-32-8-32-64-128-64 (tanh units, linear code
   and output layers), reconstruction loss ``mean_b ½‖x̂_b − x_b‖²`` ("mse"): the
   pathological-curvature setting of Martens (2010), at digits' scale.
+- ``autoencoder_sigmoid``: the same with logistic units, as in Martens (2010): flatter
+  saturated regions, the harder case for first-order methods.
 - ``classifier``: an MLP 64-128-64-10 (tanh), softmax cross-entropy; test accuracy too.
 
 Every method starts from the same initialization (``N(0, 1/fan_in)`` weights, zero biases),
@@ -26,9 +28,9 @@ Evaluations (test accuracy, the final loss) stop the clock.
 - ``lbfgs``: optax.lbfgs (memory 10) with its zoom line search, through
   ``optax.value_and_grad_from_state``.
 - ``kfac``: kfac-jax's optimizer with adaptive learning rate, momentum and damping, only if
-  ``import kfac_jax`` works (skipped otherwise; nothing is installed). This path follows
-  kfac-jax's README and has not been run here (kfac-jax was not installed); a failure is
-  reported and the other methods go on.
+  ``import kfac_jax`` works (skipped otherwise). kfac-jax 0.0.8 installs beside jax 0.10.2
+  but fails inside its own graph matcher (``tag_graph_matcher.eval_jaxpr_eqn``: "too many
+  values to unpack") on the first step; the failure is reported and the others go on.
 
 The table gives each method's final loss at the budget, its ratio to hessian_free's, and the
 wall time it needs to reach best Adam's final loss (and that time ÷ Adam's own; "not
@@ -38,7 +40,7 @@ seconds, so there the times and accuracies are the informative columns. Results:
 curves and hessian_free's state per step: λ, ρ, CG iterations, skipped) and
 ``benchmarks/results/training.png`` (loss vs wall time, log y).
 
-    python benchmarks/bench_training.py [--seconds 20] [--quick] [--problems autoencoder classifier]
+    python benchmarks/bench_training.py [--seconds 20] [--quick] [--problems autoencoder autoencoder_sigmoid classifier]
 
 ``--quick``: 0.5 s per method, two learning rates: a smoke run (results to
 ``training_quick.json`` / ``.png``). Needs scikit-learn, optax and matplotlib.
@@ -98,15 +100,17 @@ class Problem(NamedTuple):
     classification: bool
 
 
-def make_mlp(linear: tuple[int, ...]) -> Callable[..., jax.Array]:
-    """``model(params, x)`` of a list of ``{"w", "b"}`` layers, tanh except at `linear`."""
+def make_mlp(
+    linear: tuple[int, ...], activation: Callable[[jax.Array], jax.Array] = jnp.tanh
+) -> Callable[..., jax.Array]:
+    """``model(params, x)`` of a list of ``{"w", "b"}`` layers, `activation` except at `linear`."""
 
     def model(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
         last = len(params) - 1
         for i, layer in enumerate(params):
             x = x @ layer["w"] + layer["b"]
             if i != last and i not in linear:
-                x = jnp.tanh(x)
+                x = activation(x)
         return x
 
     return model
@@ -135,16 +139,16 @@ def make_problems(names: list[str]) -> list[Problem]:
     x_tr, y_tr, x_te, y_te = digits()
     x_tr, x_te = jnp.asarray(x_tr), jnp.asarray(x_te)
     problems = []
-    if "autoencoder" in names:
+    for name, activation in (("autoencoder", jnp.tanh), ("autoencoder_sigmoid", jax.nn.sigmoid)):
+        if name not in names:
+            continue
         sizes = (64, 128, 64, 32, 8, 32, 64, 128, 64)
-        model = make_mlp(linear=(3,))  # the 8-unit code layer is linear
+        model = make_mlp(linear=(3,), activation=activation)  # the 8-unit code layer is linear
 
-        def ae_loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        def ae_loss(params: Any, x: jax.Array, y: jax.Array, model=model) -> jax.Array:
             return 0.5 * jnp.mean(jnp.sum((model(params, x) - y) ** 2, axis=-1))
 
-        problems.append(
-            Problem("autoencoder", sizes, "mse", model, ae_loss, x_tr, x_tr, x_te, x_te, False)
-        )
+        problems.append(Problem(name, sizes, "mse", model, ae_loss, x_tr, x_tr, x_te, x_te, False))
     if "classifier" in names:
         sizes = (64, 128, 64, 10)
         clf = make_mlp(linear=())
@@ -271,6 +275,7 @@ def kfac_method(problem: Problem) -> Method | None:  # pragma: no cover - option
         use_adaptive_damping=True,
         initial_damping=1.0,
         multi_device=False,
+        num_burnin_steps=0,  # its burn-in needs a data iterator; the curvature starts at zero
     )
     batch = (problem.x_train, problem.y_train)
 
@@ -602,7 +607,7 @@ def plot(problems: list[dict[str, Any]], path: str) -> None:
 def main(
     seconds: float = 20.0,
     quick: bool = False,
-    problems: tuple[str, ...] = ("autoencoder", "classifier"),
+    problems: tuple[str, ...] = ("autoencoder", "autoencoder_sigmoid", "classifier"),
     lrs: tuple[float, ...] | None = None,
     out: str | None = None,
     classifier_seconds: float | None = None,
@@ -652,8 +657,9 @@ if __name__ == "__main__":
     parser.add_argument("--classifier-seconds", type=float, default=None,
                         help="the classifier's budget (default: --seconds)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="0.5 s per method, 2 Adam rates")
-    parser.add_argument("--problems", nargs="+", default=["autoencoder", "classifier"],
-                        choices=["autoencoder", "classifier"])  # fmt: skip
+    parser.add_argument("--problems", nargs="+",
+                        default=["autoencoder", "autoencoder_sigmoid", "classifier"],
+                        choices=["autoencoder", "autoencoder_sigmoid", "classifier"])  # fmt: skip
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="Adam's grid")
     parser.add_argument("--hf-variant", action="append", default=[], metavar="K=V[,K=V]",
                         help="also run hessian_free with these options, e.g. cg_maxiter=50")  # fmt: skip
