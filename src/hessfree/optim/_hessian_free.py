@@ -412,8 +412,18 @@ def _check_batch(batch_loss: _BatchLoss, params: PyTree, inputs: PyTree, targets
         return
     row = get_loss(batch_loss.loss)
     check_targets(row, outputs, targets)
-    concrete = not any(isinstance(t, jax.core.Tracer) for t in jax.tree_util.tree_leaves(targets))
-    if concrete and not bool(row.targets_ok(outputs, np.asarray(targets), xp=np)):
+    leaves = jax.tree_util.tree_leaves(targets)
+    if any(isinstance(t, jax.core.Tracer) for t in leaves):
+        return
+    # On the host when it holds the targets. A global array spanning other processes cannot be
+    # fetched (jax.distributed): an SPMD program checks it, and every process reads its verdict.
+    local = all(getattr(t, "is_fully_addressable", True) for t in leaves)
+    ok = (
+        row.targets_ok(outputs, np.asarray(targets), xp=np)
+        if local
+        else row.targets_ok(outputs, targets)
+    )
+    if not bool(ok):
         msg = f"targets for loss {row.name!r} must be {row.targets_doc}; got values out of range"
         raise ValueError(msg)
 
