@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from typing import Any
 
 import jax
@@ -40,20 +38,10 @@ from scipy.stats import pearsonr, spearmanr  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import hessfree as hf  # noqa: E402
+from _timing import median_time  # noqa: E402
 from hessfree import influence  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def median_time(fn: Any, repeats: int) -> tuple[float, Any]:
-    """Median wall seconds of `fn()` over `repeats` runs after one warm-up (blocked)."""
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def mlp(params: dict[str, Any], x: jax.Array) -> jax.Array:

@@ -22,9 +22,7 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,15 +37,13 @@ from hessfree import Laplace, laplace
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
+from _timing import median_time  # noqa: E402
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     """``(result, median seconds)`` of `repeats` warm calls (one call first to compile)."""
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
+    seconds, out = median_time(fn, repeats)
+    return out, seconds
 
 
 def metrics(probs: jax.Array, y: jax.Array) -> dict[str, float]:

@@ -161,6 +161,162 @@ def test_preconditioner_same_answer_fewer_products():
         assert int(pre.nhev) < int(plain.nhev)
 
 
+# --- the automatic Jacobi preconditioner (issue 14) -----------------------------------------
+
+METHODS = ["trust-ncg", "newton-cg"]
+
+
+def scaled_logistic_problem():
+    """Badly scaled (feature scales 1e-2..1e2), large enough that plain CG solves get long."""
+    features, labels = logistic_data(n=1000, d=50)
+    return {"w": jnp.zeros(50), "b": jnp.zeros(())}, features, labels
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_auto_preconditioner_same_answer_as_scipy_with_far_fewer_products(method):
+    x0, features, labels = scaled_logistic_problem()
+    auto = minimize(logistic, x0, features, labels, method=method, gtol=1e-7)
+    plain = minimize(logistic, x0, features, labels, method=method, gtol=1e-7, preconditioner=None)
+    ref = scipy_reference(logistic, x0, (features, labels), method)
+    assert ref.success, ref.message
+    assert int(auto.status) == 0 and int(plain.status) == 0, (auto.message, plain.message)
+    assert float(ravel_pytree(auto.jac)[0] @ ravel_pytree(auto.jac)[0]) ** 0.5 <= 1e-7
+    np.testing.assert_allclose(auto.fun, ref.fun, rtol=1e-10)
+    scale = np.concatenate([[1.0], np.asarray(jnp.std(features, axis=0))])
+    np.testing.assert_allclose(ravel_pytree(auto.x)[0] * scale, ref.x * scale, atol=1e-4)
+    assert 4 * int(auto.nhev) < int(plain.nhev), (int(auto.nhev), int(plain.nhev))
+    # the run switched to the estimated diagonal (phase 2), whose spread is the features'
+    solver = Minimizer(logistic, method=method, gtol=1e-7)
+    state = solver.run(solver.init(x0, features, labels), features, labels)
+    assert int(state.jacobi) == 2
+    d = np.asarray(state.diagonal["w"])
+    exact = np.asarray(jnp.var(features, axis=0))  # ∝ diag(H) up to the weights σ(1-σ)
+    assert np.corrcoef(np.log(d), np.log(exact))[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["rosenbrock", "rosenbrock_extended", "wood", "helical_valley"])
+def test_auto_preconditioner_leaves_short_solves_alone(name, method):
+    # CG solves stay short: nothing estimated, the same run as without a preconditioner
+    f, x0, args, _ = PROBLEMS[name]
+    auto = minimize(f, x0, *args, method=method, gtol=1e-8)
+    plain = minimize(f, x0, *args, method=method, gtol=1e-8, preconditioner=None)
+    assert int(auto.nit) == int(plain.nit) and int(auto.nhev) == int(plain.nhev)
+    np.testing.assert_allclose(auto.x, plain.x, rtol=1e-12, atol=1e-15)
+    assert int(auto.status) == int(plain.status) == 0
+
+
+def test_auto_preconditioner_declines_where_scaling_does_not_help():
+    # a dense quadratic whose ill-conditioning is a rotation, not a scaling: Jacobi cannot
+    # help, the estimate is measured, declined (phase 3) and costs its 6 products only
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(60, 60)))
+    a = jnp.asarray(q @ np.diag(np.geomspace(1e-3, 1.0, 60)) @ q.T)
+    b = jnp.asarray(rng.normal(size=60))
+
+    def quad(x):
+        return 0.5 * x @ a @ x - b @ x
+
+    solver = Minimizer(quad, method="newton-cg", gtol=1e-6)
+    state = solver.run(solver.init(jnp.zeros(60)))
+    plain = minimize(quad, jnp.zeros(60), method="newton-cg", gtol=1e-6, preconditioner=None)
+    assert int(state.status) == 0 and int(state.jacobi) == 3
+    np.testing.assert_array_equal(state.diagonal, np.ones(60))
+    assert int(state.nhev) == int(plain.nhev) + 6
+    np.testing.assert_allclose(state.x, plain.x, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["rosenbrock", "beale", "wood", "helical_valley"])
+def test_diagonal_preconditioner_same_minimizer_as_scipy(name, method):
+    f, x0, args, known = PROBLEMS[name]
+    res = minimize(f, x0, *args, method=method, gtol=1e-8, preconditioner="diagonal")
+    ref = scipy_reference(f, x0, args, method)
+    assert int(res.status) == 0, res.message
+    assert float(jnp.linalg.norm(res.jac)) <= 1e-8
+    np.testing.assert_allclose(res.x, known, atol=1e-6)
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
+    assert float(res.fun) <= float(ref.fun) + 1e-12
+
+
+def test_auto_preconditioner_under_jit_vmap_and_grad():
+    features, labels = logistic_data(n=1000, d=30)
+    other = 1.0 - labels
+    x0 = {"w": jnp.zeros(30), "b": jnp.zeros(())}
+    solve = jax.jit(jax.vmap(lambda y: minimize(logistic, x0, features, y, gtol=1e-7)))
+    batch = solve(jnp.stack([labels, other]))
+    for i, y in enumerate((labels, other)):
+        # (batched products round differently: the same solution, not the same iterates)
+        one = minimize(logistic, x0, features, y, gtol=1e-7)
+        assert int(batch.status[i]) == int(one.status) == 0
+        scale = np.asarray(jnp.std(features, axis=0))
+        np.testing.assert_allclose(batch.x["w"][i] * scale, one.x["w"] * scale, atol=1e-6)
+
+    def ridge_logistic(params, lam):
+        return logistic(params, features, labels) + lam * jnp.sum(params["w"] ** 2)
+
+    def out(lam, preconditioner):
+        x = minimize(ridge_logistic, x0, lam, gtol=1e-10, preconditioner=preconditioner).x
+        return jnp.sum(jnp.sin(x["w"])) + x["b"]
+
+    lam = jnp.asarray(1e-3)
+    np.testing.assert_allclose(jax.grad(out)(lam, "auto"), jax.grad(out)(lam, None), rtol=1e-6)
+
+
+def test_no_recompilation_at_new_values():
+    from hessfree._minimize import _solver
+
+    x0, features, labels = scaled_logistic_problem()
+
+    def sizes():
+        jits = (_solver._init_jit, _solver._advance_jit)
+        return [fn._cache_size() for fn in jits]  # pyright: ignore[reportAttributeAccessIssue]
+
+    minimize(logistic, x0, features, labels, gtol=1e-6)
+    before = sizes()
+    x1 = jax.tree_util.tree_map(lambda a: a + 0.1, x0)
+    res = minimize(logistic, x1, 2.0 * features, 1.0 - labels, gtol=1e-6)
+    assert int(res.status) == 0, res.message
+    assert sizes() == before
+
+
+def test_resume_across_the_switch_to_the_jacobi_preconditioner(tmp_path):
+    x0, features, labels = scaled_logistic_problem()
+    solver = Minimizer(logistic, gtol=1e-7)
+    full = solver.run(solver.init(x0, features, labels), features, labels)
+    state = solver.init(x0, features, labels)
+    phases = []
+    while int(state.jacobi) != 2:  # stop right after the switch, save, reload, go on
+        state = solver.advance(state, features, labels, num_steps=1)
+        phases.append(int(state.jacobi))
+    assert phases[0] == 0 and 1 in phases and int(state.status) == -1
+    path = tmp_path / "state.npz"
+    np.savez(path, *jax.tree_util.tree_leaves(state))
+    loaded = np.load(path)
+    leaves = [jnp.asarray(loaded[f"arr_{i}"]) for i in range(len(loaded.files))]
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), leaves)
+    resumed = solver.run(state, features, labels)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hashed_probes_are_signs_or_uniform_in_the_leaves_dtypes():
+    from hessfree._minimize._jacobi import hashed_tree
+
+    like = {"a": jnp.zeros((500, 40)), "b": jnp.zeros(7, jnp.float32)}
+    signs = hashed_tree(like, 3, signs=True)
+    assert signs["a"].dtype == jnp.float64 and signs["b"].dtype == jnp.float32
+    assert set(np.unique(signs["a"])) == {-1.0, 1.0}
+    assert abs(float(jnp.mean(signs["a"]))) < 0.02
+    np.testing.assert_array_equal(signs["a"], hashed_tree(like, 3, signs=True)["a"])
+    assert abs(float(jnp.mean(signs["a"] * hashed_tree(like, 4, signs=True)["a"]))) < 0.02
+    uniform = hashed_tree(like, 0, signs=False)["a"]
+    assert -1.0 <= float(uniform.min()) and float(uniform.max()) < 1.0
+    assert abs(float(jnp.std(uniform)) - 3**-0.5) < 0.01
+
+
 # --- honest status -------------------------------------------------------------------------
 
 
@@ -390,7 +546,8 @@ def test_errors(f, x0, kwargs, error, match):
         ({"mode": "fwd_fwd"}, ValueError, "mode must be one of"),
         ({"maxiter": 1.5}, TypeError, "maxiter must be a positive integer"),
         ({"eta": 0.25}, ValueError, r"eta \(the trust-region acceptance ratio\)"),
-        ({"preconditioner": "diag"}, TypeError, "preconditioner must be callable"),
+        ({"preconditioner": "diag"}, ValueError, r"preconditioner must be one of \['auto', "),
+        ({"preconditioner": 2}, TypeError, "preconditioner must be callable"),
     ],
 )
 def test_minimizer_constructor_validates(kwargs, error, match):

@@ -86,6 +86,37 @@ def test_true_minima_are_still_a_success(method, dtype):
     assert bool(res.success), res.message
 
 
+def test_steihaug_boundary_step_is_in_the_preconditioner_norm():
+    from hessfree._minimize._trust import steihaug
+
+    h = jnp.diag(jnp.array([1e4, 1.0, -1.0]))  # indefinite: CG meets negative curvature
+    g = jnp.ones(3)
+    d = jnp.array([1e4, 1.0, 1.0])
+    for radius in (0.5, 1e-3):
+        tol = jnp.asarray(1e-12)
+        out = steihaug(lambda v: h @ v, g, jnp.asarray(radius), lambda v: v / d, tol, 10)
+        s = out.s
+        assert bool(out.hits_boundary)
+        np.testing.assert_allclose(float(jnp.sqrt(s @ (d * s))), radius, rtol=1e-12)
+        np.testing.assert_allclose(float(out.step_norm), radius, rtol=1e-12)
+        np.testing.assert_allclose(float(out.model), float(g @ s + 0.5 * s @ h @ s), rtol=1e-10)
+
+
+@pytest.mark.parametrize("preconditioner", ["diagonal", lambda x: jnp.array([2e3, 1e-2])])
+def test_escape_from_a_saddle_goes_to_the_boundary_of_the_preconditioner_norm(preconditioner):
+    solver = Minimizer(stiff_saddle, preconditioner=preconditioner)
+    state = jax.jit(solver.step)(solver.init(jnp.zeros(2)))  # the first proposal: an escape
+    pr = state.proposal
+    assert bool(pr.stationary) and bool(pr.negative) and int(state.nit) == 0
+    diag = state.diagonal if preconditioner == "diagonal" else preconditioner(state.x)
+    wnorm = float(jnp.sqrt(pr.d @ (diag * pr.d)))
+    np.testing.assert_allclose(wnorm, float(state.radius), rtol=1e-12)
+    np.testing.assert_allclose(float(pr.step_norm), float(state.radius), rtol=1e-12)
+    assert abs(float(pr.d[1])) > abs(float(pr.d[0]))  # along the negative curvature
+    res = minimize(stiff_saddle, jnp.zeros(2), preconditioner=preconditioner, maxiter=50)
+    assert not bool(res.success) and float(res.fun) < 0
+
+
 # --- 2. scale: finite f and g are never called non-finite ----------------------------------
 
 

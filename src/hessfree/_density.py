@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _tree as tree
-from ._krylov import lanczos_tree
+from ._krylov import tridiagonal
 from ._linop import MatVec, tree_operator
 from ._results import DensityResult
 from ._staging import staged
@@ -19,7 +19,7 @@ def _quadrature(
     matvec: MatVec, v0: PyTree, num_steps: int, key: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Gauss quadrature of ``v0ᵀ g(A) v0 / ‖v0‖²``: nodes θ (Ritz values), weights ``s_0²``."""
-    alphas, betas, _ = lanczos_tree(matvec, v0, num_steps, key)
+    alphas, betas = tridiagonal(matvec, v0, num_steps, key)
     T = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     theta, S = jnp.linalg.eigh(T)
     return theta, S[0] ** 2
@@ -92,9 +92,15 @@ def spectral_density(
     squared first components of T's eigenvectors); each node is broadened by a Gaussian
     ``g_σ``. The density is normalized so its trapezoid integral over the grid is 1.
 
-    Cost: ``num_probes × num_steps`` products, probes run together (``vmap``) or
-    `chunk_size` at a time; memory ``(num_steps + 1) n`` per probe running at once. The
-    counts are static (a new count compiles a new program); keep them fixed in a loop.
+    The Lanczos recurrence keeps three vectors and no basis (no global reorthogonalization):
+    in floating point, converged Ritz values come back as near-copies among which their weight
+    is split, and the quadrature, hence the density, stays as accurate as with an orthogonal
+    basis (Greenbaum 1989; Lin, Saad & Yang 2016).
+
+    Cost: ``num_probes × num_steps`` products plus a few vector operations per product, probes
+    run together (``vmap``) or `chunk_size` at a time; memory three vectors per probe running
+    at once. The counts are static (a new count compiles a new program); keep them fixed in a
+    loop.
 
     Args:
         A: an operator, a callable ``v -> A v`` (then pass `like`), or a dense symmetric

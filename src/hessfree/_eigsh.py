@@ -13,10 +13,12 @@ from . import _tree as tree
 from ._cg import pcg
 from ._krylov import (
     checked_start,
-    expand,
+    loop_product,
     normalize,
     orthogonalize,
+    pseudo_random,
     ritz,
+    seed_of,
     start_basis,
     start_vector,
 )
@@ -32,6 +34,9 @@ from ._validation import (
 )
 
 WHICH = ("LA", "SA", "LM")
+# below this dimension every Lanczos vector is reorthogonalized fully (the basis costs little
+# next to a product, and stays orthonormal to rounding); above it, partially
+PARTIAL_MIN_SIZE = 8192 * 10**9
 
 
 def _wanted(theta: jax.Array, active: jax.Array, which: str, count: int) -> jax.Array:
@@ -41,74 +46,111 @@ def _wanted(theta: jax.Array, active: jax.Array, which: str, count: int) -> jax.
 
 
 class _State(NamedTuple):
-    V: PyTree
-    H: jax.Array
-    j: jax.Array
-    beta: jax.Array
+    V: PyTree  # m + 1 rows; rows 0..j hold the basis, rows past j are zero
+    H: jax.Array  # (m, m): V A Vᵀ, its leading j × j block filled
+    E: jax.Array  # (m + 1, m + 1): estimates of v_i·v_l for i ≠ l (Simon's recurrence)
+    j: jax.Array  # the row to expand next
+    beta: jax.Array  # ‖w‖ of the last step: V[j] = w/β
+    force: jax.Array  # reorthogonalize the next vector fully
+    anorm: jax.Array  # running estimate of ‖A‖ (the scale of rounding in a product)
     lost: jax.Array  # (m, locks): row i's residual outside H is Σ_l lost[i, l]·r_l, ‖r_l‖ = 1
+    slack: jax.Array  # (m,): a bound on the rest of row i's relation error (see eigsh_tree)
     num_locks: jax.Array
     previous: jax.Array  # (k,) wanted values when last locked (sorted); inf before
     deflated: jax.Array  # a deflation restart happened: checking for missed copies
     converged: jax.Array
     finite: jax.Array
     stop: jax.Array
+    pending: jax.Array  # what the basis needs before it grows again: _GROW, _RESTART, _LOCK
     num_matvecs: jax.Array
     num_restarts: jax.Array
+
+
+_GROW, _RESTART, _LOCK = 0, 1, 2
 
 
 def _ritz_pairs(s: _State, size: jax.Array, which: str, count: int) -> Any:
     """``(θ, S, idx, residual)`` for the `count` wanted Ritz pairs of the leading block of H.
 
-    ``residual`` bounds ``‖A y − θ y‖``: ``β·|s_last| + Σ_l |(Sᵀ lost)_l|`` (the Lanczos
-    residual plus what locking left out of H, one unit direction r_l per lock).
+    ``residual`` bounds ``‖A y − θ y‖``: ``β·|s_last| + Σ_l |(Sᵀ lost)_l| + |S|ᵀ slack`` (the
+    Lanczos residual, what locking left out of H, one unit direction r_l per lock, and what
+    symmetrizing H left out of the relations, see eigsh_tree).
     """
     theta, S, active = ritz(s.H, size)
     idx = _wanted(theta, active, which, count)
     last = jnp.take(S, size - 1, axis=0)
     Y = S[:, idx]
     residual = jnp.abs(s.beta) * jnp.abs(last[idx]) + jnp.sum(jnp.abs(Y.T @ s.lost), axis=1)
+    residual = residual + jnp.abs(Y).T @ s.slack
     return theta, S, idx, residual, active[idx]
 
 
-def _thick_restart(s: _State, which: str, keep: int) -> tuple[PyTree, jax.Array, jax.Array]:
-    """Keep the `keep` wanted Ritz vectors plus the residual direction (Wu & Simon 2000)."""
+def _transformed(E: jax.Array, C: jax.Array) -> jax.Array:
+    """Estimates for rows ``Cᵀ V`` from those for V: ``Cᵀ (I + E) C − I``, in an (m+1)² array."""
+    G = C.T @ (E + jnp.eye(E.shape[0], dtype=E.dtype)) @ C
+    r = C.shape[1]
+    G = G - jnp.eye(r, dtype=E.dtype)
+    return jnp.zeros_like(E).at[:r, :r].set(G)
+
+
+def _combined(Y: jax.Array, V: PyTree, rows: int) -> PyTree:
+    """The rows ``Yᵀ V[:m]`` (leaves ``(r, ...)``): one matrix product per leaf."""
+    m = Y.shape[0]
+    return jax.tree_util.tree_map(lambda Vl: jnp.tensordot(Y.T.astype(Vl.dtype), Vl[:m], 1), V)
+
+
+def _restart(s: _State, which: str, k: int, keep: int, fresh: Any, eps0: jax.Array) -> _State:
+    """Rebuild the basis for a pending thick restart or lock, from one eigendecomposition.
+
+    Thick restart (Wu & Simon 2000): keep the `keep` wanted Ritz vectors and the residual
+    direction, their coupling in H. Lock: keep the k wanted Ritz vectors, drop their small
+    residual coupling into `lost` and continue from ``fresh(V)``, a fresh vector made
+    orthogonal to them: a copy of a repeated eigenvalue, invisible from the old start vector,
+    shows up in the new Krylov space. (One code path with selects rather than a conditional:
+    under ``vmap`` both would run, and two LAPACK eigh calls running side by side can
+    deadlock XLA:CPU.)
+    """
     m = s.H.shape[0]
-    theta, S = jnp.linalg.eigh(jnp.where(jnp.isfinite(s.H), s.H, 0))  # NaN: see ritz
-    idx = _wanted(theta, jnp.ones((m,), bool), which, keep)
-    Y = S[:, idx]
-    old = jax.tree_util.tree_map(lambda Vl: Vl[:m], s.V)
-    kept = jax.vmap(tree.combine, in_axes=(1, None))(Y, old)  # leaves (keep, ...)
+    if k > keep:  # k = num_steps = n: the first basis spans everything, nothing restarts
+        return s
+    size = s.j
+    lock = s.pending == _LOCK
+    theta, S, active = ritz(s.H, size)  # size == m for a thick restart: all of H
+    idx = _wanted(theta, active, which, keep)
+    Y = S[:, idx] * jnp.where(lock, jnp.arange(keep) < k, True)  # a lock keeps k columns
+    kept = _combined(Y, s.V, keep)
+    last = tree.scale(jnp.where(lock, 0, 1), tree.row(s.V, m))
 
-    def restarted(Vl: jax.Array, Kl: jax.Array) -> jax.Array:
-        return jnp.zeros_like(Vl).at[:keep].set(Kl).at[keep].set(Vl[m])
+    def rows(Vl: jax.Array, Kl: jax.Array, Ll: jax.Array) -> jax.Array:
+        return jnp.zeros_like(Vl).at[:keep].set(Kl).at[keep].set(Ll)
 
-    V = jax.tree_util.tree_map(restarted, s.V, kept)
-    coupling = s.beta * Y[m - 1]
-    H = jnp.zeros_like(s.H).at[jnp.arange(keep), jnp.arange(keep)].set(theta[idx])
-    H = H.at[keep, :keep].set(coupling).at[:keep, keep].set(coupling)
+    V = jax.tree_util.tree_map(rows, s.V, kept, last)
+    new = jax.lax.cond(lock, fresh, lambda V: tree.row(V, k), V)
+    V = tree.set_row(V, k, new)
+    values = jnp.where(lock, jnp.arange(keep) < k, True) * theta[idx]
+    coupling = jnp.where(lock, 0, s.beta) * S[m - 1, idx]
+    H = jnp.zeros_like(s.H).at[jnp.arange(keep), jnp.arange(keep)].set(values)
+    if keep < m:
+        H = H.at[keep, :keep].set(coupling).at[:keep, keep].set(coupling)
     lost = jnp.zeros_like(s.lost).at[:keep].set(Y.T @ s.lost)
-    return V, H, lost
-
-
-def _deflation_restart(
-    s: _State, size: jax.Array, which: str, k: int, key: jax.Array
-) -> tuple[PyTree, jax.Array, jax.Array]:
-    """Lock the k wanted Ritz vectors (dropping their small residual coupling into `lost`) and
-    continue from a fresh random vector orthogonal to them: a copy of a repeated eigenvalue,
-    invisible from the old start vector, shows up in the new Krylov space."""
-    m = s.H.shape[0]
-    theta, S, idx, _, _ = _ritz_pairs(s, size, which, k)
-    Y = S[:, idx]
-    old = jax.tree_util.tree_map(lambda Vl: Vl[:m], s.V)
-    kept = jax.vmap(tree.combine, in_axes=(1, None))(S[:, idx], old)
-    V = jax.tree_util.tree_map(lambda Vl, Kl: jnp.zeros_like(Vl).at[:k].set(Kl), s.V, kept)
-    fresh = tree.random_tree(key, tree.row(V, 0))
-    fresh, _ = normalize(orthogonalize(V, fresh)[0])
-    V = tree.set_row(V, k, fresh)
-    H = jnp.zeros_like(s.H).at[jnp.arange(k), jnp.arange(k)].set(theta[idx])
-    lost = jnp.zeros_like(s.lost).at[:k].set(Y.T @ s.lost)
-    lost = lost.at[:k, s.num_locks].set(s.beta * jnp.take(S, size - 1, axis=0)[idx])
-    return V, H, lost
+    dropped = jnp.where(lock, s.beta, 0) * jnp.take(S, size - 1, axis=0)[idx[:k]]
+    lost = lost.at[:k, s.num_locks].add(dropped)
+    slack = jnp.zeros_like(s.slack).at[:keep].set(jnp.abs(Y).T @ s.slack)
+    C = jnp.zeros((m + 1, keep + 1), s.E.dtype).at[:m, :keep].set(Y)
+    C = C.at[m, keep].set(jnp.where(lock, 0, 1))
+    E = _transformed(s.E, C)
+    E = jnp.where(lock, E.at[k, :k].set(eps0).at[:k, k].set(eps0), E)
+    return s._replace(
+        V=V,
+        H=H,
+        E=E,
+        lost=lost,
+        slack=slack,
+        j=jnp.where(lock, k, keep).astype(s.j.dtype),
+        previous=jnp.where(lock, jnp.sort(theta[idx[:k]]), s.previous),
+        deflated=s.deflated | lock,
+        num_locks=s.num_locks + lock.astype(s.num_locks.dtype),
+    )
 
 
 def eigsh_tree(
@@ -121,30 +163,157 @@ def eigsh_tree(
     maxiter: int,
     key: jax.Array,
 ) -> EigshResult:
-    """Thick-restart Lanczos on pytrees; eigenvectors as leaves with a leading axis k.
+    """Thick-restart Lanczos with partial reorthogonalization, on pytrees.
 
-    Two phases in one ``while_loop``: converge k wanted Ritz pairs; then lock them, restart
-    from a fresh random vector orthogonal to them and converge k + 1 wanted pairs (the new
-    one is the best of the rest of the spectrum, or a missed copy of a wanted value). It
-    stops when the wanted k values did not move by more than their tolerance; otherwise it
-    locks again.
+    Two phases: converge k wanted Ritz pairs; then lock them, restart from a fresh random
+    vector orthogonal to them and converge k + 1 wanted pairs (the new one is the best of the
+    rest of the spectrum, or a missed copy of a wanted value). It stops when the wanted k
+    values did not move by more than their tolerance; otherwise it locks again.
+
+    Program: an outer ``while_loop`` whose body rebuilds the basis (thick restart or lock,
+    when one is pending) and runs an inner ``while_loop`` of Lanczos steps until the basis is
+    full, k pairs converged, or it stops; so the basis is only ever updated in place, one row
+    per step, and never passes through a conditional.
+
+    Each step: one product; the new vector made orthogonal to the last two (twice, reading
+    three vectors); Simon's recurrence estimates its inner products with all earlier basis
+    vectors from H alone (``O(m²)``), and only when one exceeds ``√eps`` is it
+    reorthogonalized against the whole basis (classical Gram-Schmidt twice: four passes over
+    the basis as matrix-vector products), and the next one too (Simon 1984; Parlett & Scott
+    1979). The basis stays semi-orthogonal (``|v_i·v_l| <= √eps``), which keeps H equal to the
+    projection of A onto the Krylov space up to rounding: Ritz values and residuals are as
+    accurate as with full reorthogonalization (Simon 1984), at a cost per step of about one
+    product.
     """
     m, n = num_steps, tree.size(v0)
     # pairs the check phase converges: the k wanted and the best one outside them
     check = min(k + 1, m - 1) if m < n else min(k + 1, n)
     keep = min(m - 1, check + (m - check) // 2) if m < n else m - 1
     dtype = tree.scalar_dtype(v0)
-    tiny = jnp.finfo(dtype).eps ** (2 / 3)
+    eps = float(np.finfo(dtype).eps)
+    tiny = jnp.asarray(eps ** (2 / 3), dtype)
+    # semi-orthogonality: what is left of a reorthogonalized component is counted in `slack`,
+    # which the residuals include, so it must stay well below tol
+    thr = jnp.asarray(min(np.sqrt(eps), tol / 4), dtype)
+    partial = n > PARTIAL_MIN_SIZE
+    eps0 = jnp.asarray(4 * eps, dtype)  # |v_i·v_l| right after an orthogonalization
     locks = k + 2  # at most this many lock-and-check rounds
+    rows = jnp.arange(m + 1)
+    seed = seed_of(key)
+    matvec = loop_product(matvec)
 
-    def body(s: _State) -> _State:
-        step_key = jax.random.fold_in(key, s.num_matvecs)
-        # a stopped element (under vmap the body still runs on it) stays in range
-        s = s._replace(j=jnp.where(s.stop, jnp.minimum(s.j, m - 1), s.j))
-        V, H, beta = expand(matvec, s.V, s.H, s.j, step_key)
-        size = s.j + 1
+    def full(V: PyTree, w: PyTree, j: jax.Array) -> tuple[PyTree, jax.Array]:
+        """w orthogonalized against rows 0..j of V, and the coefficients removed: classical
+        Gram-Schmidt, a second time only where the first removed much of w (Daniel, Gragg,
+        Kaufman & Stewart 1976: ‖w‖ fell below 1/√2 of itself)."""
+        inside = rows <= j
+        before = tree.norm(w)
+        h = jnp.where(inside, tree.project(V, w), 0)
+        w = tree.sub(w, tree.combine(h, V))
+
+        def again(w: PyTree) -> tuple[PyTree, jax.Array]:
+            h2 = jnp.where(inside, tree.project(V, w), 0)
+            return tree.sub(w, tree.combine(h2, V)), h2
+
+        def done(w: PyTree) -> tuple[PyTree, jax.Array]:
+            return w, jnp.zeros_like(h)
+
+        w, h2 = jax.lax.cond(tree.norm(w) < 0.7 * before, again, done, w)
+        return w, h + h2
+
+    def grow(s: _State) -> _State:
+        # a stopped or pending element (under vmap the body still runs on it) stays in range
+        j = jnp.minimum(s.j, m - 1)
+        v, prev = tree.row(s.V, j), tree.row(s.V, jnp.maximum(j - 1, 0))
+        has_prev = j > 0
+        u = matvec(v)
+        c = jnp.where(has_prev, s.beta, 0)
+        alpha = tree.vdot(v, u)
+        w = tree.axpy(-c, prev, tree.axpy(-alpha, v, u))
+        d1 = tree.vdot(v, w)
+        d0 = jnp.where(has_prev, tree.vdot(prev, w), 0)
+        w = tree.axpy(-d0, prev, tree.axpy(-d1, v, w))
+        alpha = alpha + d1
+        local = jnp.zeros((m + 1,), dtype).at[j].set(alpha)
+        local = local.at[jnp.maximum(j - 1, 0)].add(c + d0)
+
+        # after a restart, rows 0..check-1 hold the wanted Ritz vectors: converged ones (and
+        # locked ones, whose relations lost a residual of up to tol/10) keep leaking into
+        # every new vector, so w is made orthogonal to them at every step (selective
+        # orthogonalization, Parlett & Scott 1979: 2·check vectors read)
+        chosen = (jnp.arange(check) < j - 1) & (s.num_restarts > 0) & partial
+
+        def selective(w: PyTree) -> tuple[PyTree, jax.Array]:
+            Y = jax.tree_util.tree_map(lambda Vl: Vl[:check], s.V)
+            g = jnp.where(chosen, tree.project(Y, w), 0)
+            return tree.sub(w, tree.combine(g, Y)), jnp.zeros((m + 1,), dtype).at[:check].set(g)
+
+        def as_is(w: PyTree) -> tuple[PyTree, jax.Array]:
+            return w, jnp.zeros((m + 1,), dtype)
+
+        w, g = jax.lax.cond(jnp.any(chosen), selective, as_is, w)
+        local = local + g
+        selected = jnp.zeros((m + 1,), bool).at[:check].set(chosen)
+        beta = tree.norm(w)
+        # Simon's recurrence: β_{j+1} ω_{j+1,l} = ((H E − E H) e_j)_l + rounding
+        Hp = jnp.zeros((m + 1, m + 1), dtype).at[:m, :m].set(s.H)
+        Hp = Hp.at[:, j].set(local).at[j, :].set(local)
+        t = Hp @ s.E[:, j] - s.E @ local
+        # rounding in the products, plus the residual locking dropped from row l's relation
+        noise = jnp.zeros((m + 1,), dtype).at[:m].set(jnp.sum(jnp.abs(s.lost), 1) + s.slack)
+        noise = noise + eps * s.anorm
+        t = t + jnp.where(t < 0, -noise, noise)
+        omega = t / jnp.where(beta > 0, beta, 1)
+        omega = jnp.where(rows < j - 1, omega, 0)
+        omega = jnp.where((rows == j) | ((rows == j - 1) & has_prev), eps0, omega)
+        omega = jnp.where(selected, eps0, omega)
+        # the last vector of a full basis too: a restart keeps it as the residual direction,
+        # whose coupling to the kept Ritz vectors must be its inner products with them
+        need = s.force | (jnp.max(jnp.abs(omega)) > thr) | ~(beta > 0) | (j == m - 1)
+        need = need | (not partial)
+
+        def reorthogonalize(w: PyTree) -> tuple[PyTree, jax.Array]:
+            return full(s.V, w, j)
+
+        def keep_local(w: PyTree) -> tuple[PyTree, jax.Array]:
+            return w, jnp.zeros((m + 1,), dtype)
+
+        w, h = jax.lax.cond(need, reorthogonalize, keep_local, w)
+        omega = jnp.where(need, jnp.where(rows <= j, eps0, 0), omega)
+        beta = tree.norm(w)
+        broke = beta <= 10 * eps * tree.norm(u)
+
+        def fresh(w: PyTree) -> PyTree:  # an invariant subspace: go on in a new direction
+            return full(s.V, pseudo_random(seed, w, s.num_matvecs), j)[0]
+
+        w = jax.lax.cond(broke, fresh, lambda w: w, w)
+        v_next, _ = normalize(w)
+        beta = jnp.where(broke, jnp.zeros_like(beta), beta)
+        column = (local + h)[:m]
+        H = s.H.at[:, j].set(column).at[j, :].set(column)
+        # H is kept symmetric, but the relation of an earlier row i < j has no v_j term: the
+        # coefficients put into row j beyond the recurrence's own (β_j) are that row's error
+        # (the coupling a thick restart left in column j and β_j are the relations' own; the
+        # selective coefficients of locked rows are bounded by `lost` already)
+        expected = s.H[:, j].at[jnp.maximum(j - 1, 0)].add(c)
+        # (With full reorthogonalization, below PARTIAL_MIN_SIZE, those coefficients are the
+        # Gram-Schmidt projections, at rounding level: H is V A Vᵀ as before, nothing to add.)
+        covered = (rows[:m] >= j) | (s.deflated & (rows[:m] < k)) | (not partial)
+        slack = s.slack + jnp.where(covered, 0, jnp.abs(column - expected))
+        E = s.E.at[j + 1, :].set(omega).at[:, j + 1].set(omega)
+        s = s._replace(
+            V=tree.set_row(s.V, j + 1, v_next),
+            H=H,
+            E=E,
+            slack=slack,
+            j=j + 1,
+            beta=beta,
+            force=need & ~s.force,
+            anorm=jnp.maximum(s.anorm, jnp.abs(alpha) + jnp.abs(c) + beta),
+            num_matvecs=s.num_matvecs + 1,
+        )
+        size = j + 1
         finite = jnp.all(jnp.isfinite(H)) & jnp.isfinite(beta)
-        s = s._replace(V=V, H=H, j=size, beta=beta, num_matvecs=s.num_matvecs + 1)
         theta, _, idx, residual, active = _ritz_pairs(s, size, which, check)
         values = theta[idx]
         scale = jnp.maximum(jnp.abs(values), tiny * jnp.max(jnp.abs(values[:k])))
@@ -163,57 +332,68 @@ def eigsh_tree(
         done = converged_k & (whole | (s.deflated & checked & stable))
         can_lock = (s.num_restarts < maxiter) & (s.num_locks < locks)
         lock = tight & ~done & ((~s.deflated) | checked) & can_lock
-        full = size == m
+        full_basis = size == m
         stuck = tight & ~done & ((~s.deflated) | checked) & ~can_lock
-        out_of_budget = ~done & ((full & (s.num_restarts >= maxiter)) | stuck)
-        restart = full & ~done & ~lock & ~out_of_budget & finite
-
-        def deflate() -> tuple[PyTree, jax.Array, jax.Array]:
-            return _deflation_restart(s, size, which, k, jax.random.fold_in(step_key, 1))
-
-        def thick() -> tuple[PyTree, jax.Array, jax.Array]:
-            return _thick_restart(s, which, keep)
-
-        V, H, lost = jax.lax.cond(restart, thick, lambda: (V, H, s.lost))
-        V, H, lost = jax.lax.cond(lock, deflate, lambda: (V, H, lost))
+        out_of_budget = ~done & ((full_basis & (s.num_restarts >= maxiter)) | stuck)
+        restart = full_basis & ~done & ~lock & ~out_of_budget & finite
+        pending = jnp.where(lock, _LOCK, jnp.where(restart, _RESTART, _GROW))
         return s._replace(
-            V=V,
-            H=H,
-            lost=lost,
-            j=jnp.where(lock, k, jnp.where(restart, keep, size)),
-            beta=jnp.where(lock, jnp.zeros_like(beta), beta),
-            previous=jnp.where(lock, current, s.previous),
-            deflated=s.deflated | lock,
-            num_locks=s.num_locks + lock.astype(s.num_locks.dtype),
             converged=done,
             finite=finite,
             stop=done | out_of_budget | ~finite,
-            num_restarts=s.num_restarts + (restart | lock).astype(s.num_restarts.dtype),
+            pending=pending.astype(s.pending.dtype),
         )
+
+    def rebuild(s: _State) -> _State:
+        def fresh(V: PyTree) -> PyTree:
+            counter = s.num_matvecs + jnp.asarray(2**30, s.num_matvecs.dtype)
+            r = pseudo_random(seed, tree.row(V, 0), counter)
+            return normalize(orthogonalize(V, r)[0])[0]
+
+        def restart(s: _State) -> _State:
+            return _restart(s, which, k, keep, fresh, eps0)
+
+        s = jax.lax.cond(s.pending == _GROW, lambda s: s, restart, s)
+        return s._replace(
+            beta=jnp.zeros_like(s.beta),
+            force=s.pending != _GROW,
+            num_restarts=s.num_restarts + (s.pending != _GROW).astype(s.num_restarts.dtype),
+            pending=jnp.zeros_like(s.pending),
+        )
+
+    def cycle(s: _State) -> _State:
+        s = rebuild(s)
+        return jax.lax.while_loop(lambda s: ~s.stop & (s.pending == _GROW), grow, s)
 
     zero = jnp.zeros((), jnp.int32)
     start_finite = tree.all_finite(v0)
     init = _State(
         V=start_basis(v0, m),
         H=jnp.zeros((m, m), dtype),
+        E=jnp.zeros((m + 1, m + 1), dtype),
         j=zero,
         beta=jnp.zeros((), dtype),
+        force=jnp.zeros((), bool),
+        anorm=jnp.zeros((), dtype),
         lost=jnp.zeros((m, locks), dtype),
+        slack=jnp.zeros((m,), dtype),
         num_locks=zero,
         previous=jnp.full((k,), jnp.inf, dtype),
         deflated=jnp.zeros((), bool),
         converged=jnp.zeros((), bool),
         finite=start_finite,
         stop=~start_finite,
+        pending=zero,
         num_matvecs=zero,
         num_restarts=zero,
     )
-    s = jax.lax.while_loop(lambda s: ~s.stop, body, init)
+    s = jax.lax.while_loop(lambda s: ~s.stop, cycle, init)
     theta, S, idx, residual, _ = _ritz_pairs(s, jnp.maximum(s.j, 1), which, k)
     order = jnp.argsort(theta[idx])
     idx, residual = idx[order], residual[order]
-    old = jax.tree_util.tree_map(lambda Vl: Vl[:m], s.V)
-    vectors = jax.vmap(tree.combine, in_axes=(1, None))(S[:, idx], old)
+    vectors = _combined(S[:, idx], s.V, k)
+    # unit length: the basis is orthonormal only to about √eps
+    vectors = jax.vmap(lambda y: normalize(y)[0])(vectors)
     status = jnp.where(s.converged, SUCCESS, jnp.where(s.finite, MAXITER, NONFINITE))
     status = status.astype(jnp.int32)
     values = jnp.where(s.finite, theta[idx], jnp.nan)

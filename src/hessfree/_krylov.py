@@ -2,9 +2,12 @@
 
 A basis of m vectors is a pytree whose every leaf has a leading axis m; inner products are
 per-leaf sums (:mod:`hessfree._tree`), so the basis keeps the parameters' layout and sharding.
-Only the small ``m × m`` projected problems are dense. One Lanczos step costs one product plus
-``O(m n)`` work for the full reorthogonalization against the m basis vectors kept. eigsh,
-spectral_density and the estimators build on this module.
+Only the small ``m × m`` projected problems are dense. :func:`lanczos_tree` reorthogonalizes
+every new vector fully (``O(m n)`` per step); :func:`tridiagonal` (spectral_density) keeps no
+basis; eigsh reorthogonalizes partially (see :mod:`hessfree._eigsh`). Products inside these
+loops go through :func:`loop_product`, and fresh directions inside them come from
+:func:`pseudo_random` (a few integer operations per entry: ``jax.random`` would add hundreds of
+instructions per leaf to every program, and seconds to its compile).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
+import numpy as np
 
 from . import _tree as tree
 from ._linop import MatVec, TreeOperator, tree_operator
@@ -25,6 +30,156 @@ def normalize(x: PyTree) -> tuple[PyTree, jax.Array]:
     """``(x/‖x‖, ‖x‖)``; a zero vector stays zero."""
     n = tree.norm(x)
     return tree.scale(1 / jnp.where(n > 0, n, 1), x), n
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: every input bit flips about half the output bits."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def seed_of(key: jax.Array) -> jax.Array:
+    """A uint32 seed for :func:`pseudo_random` drawn from a ``jax.random`` key (once, outside
+    the loops)."""
+    return jax.random.bits(key, (), jnp.uint32)
+
+
+def pseudo_random(seed: Any, like: PyTree, counter: Any = 0, *, signs: bool = False) -> PyTree:
+    """A vector like `like`, entry i of leaf l a hash of ``(seed, counter, l, i)``.
+
+    Uniform in ``[-1, 1)`` (24 bits: exact in float32 and float64), or ±1 with `signs`
+    (Rademacher). For the directions solvers draw inside their loops (fresh Lanczos vectors
+    after a breakdown or a lock, Hutchinson probes, start vectors): any generic direction
+    will do, and a counter hash costs a few integer operations per entry where
+    ``jax.random``'s threefry adds hundreds of instructions per leaf to a program, and
+    seconds to its compile. `seed` and `counter` may be traced. Leaves keep `like`'s dtypes
+    and layout (its mesh sharding under explicit axes).
+    """
+    base = _mix(
+        jnp.asarray(seed).astype(jnp.uint32) ^ _mix(jnp.asarray(counter).astype(jnp.uint32))
+    )
+    out = []
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    for i, leaf in enumerate(leaves):
+        shape = tuple(np.shape(leaf))
+        index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+        h = _mix(index * np.uint32(0x9E3779B1) + _mix(base + np.uint32(i)))
+        dtype = jnp.result_type(leaf)
+        if signs:
+            u = jnp.where((h >> 31) == 1, -1, 1).astype(dtype)
+        else:  # the top 24 bits as a float in [-1, 1)
+            u = (h >> 8).astype(jnp.float32) * np.float32(2.0**-23) - np.float32(1.0)
+            u = u.astype(dtype)
+        if isinstance(leaf, jax.Array):
+            u = u + jnp.zeros_like(leaf)  # the leaf's layout (and sharding type)
+        out.append(u)
+    return tree.match_sharding(jax.tree_util.tree_unflatten(treedef, out), like)
+
+
+# --- products inside loops -------------------------------------------------------------------
+
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+
+
+def _canonical(spec: Any, nd: int) -> bool:
+    lhs, rhs, out = spec.lhs_spec, spec.rhs_spec, spec.out_spec
+    nhwc = (0, nd - 1, *range(1, nd - 1))
+    return (
+        tuple(lhs) == nhwc and tuple(out) == nhwc and tuple(rhs) == (nd - 1, nd - 2, *range(nd - 2))
+    )
+
+
+def _slow_convs(jaxpr: Any) -> bool:
+    """Whether `jaxpr` (or a jit/call inside it) has a convolution outside NHWC/HWIO layout."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is jax.lax.conv_general_dilated_p:
+            nd = len(eqn.invars[0].aval.shape)
+            if not _canonical(eqn.params["dimension_numbers"], nd):
+                return True
+        elif eqn.primitive.name in _CALLS:
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            inner = getattr(inner, "jaxpr", inner)
+            if inner is not None and _slow_convs(inner):
+                return True
+    return False
+
+
+def _conv_nhwc(lhs: jax.Array, rhs: jax.Array, params: dict) -> jax.Array:
+    """The same convolution with its operands transposed to NHWC/HWIO and its result back."""
+    spec = params["dimension_numbers"]
+    nd = lhs.ndim
+    lhs_order = (spec.lhs_spec[0], *spec.lhs_spec[2:], spec.lhs_spec[1])
+    rhs_order = (*spec.rhs_spec[2:], spec.rhs_spec[1], spec.rhs_spec[0])
+    out_order = (spec.out_spec[0], *spec.out_spec[2:], spec.out_spec[1])
+    nhwc = (0, nd - 1, *range(1, nd - 1))
+    canonical = jax.lax.ConvDimensionNumbers(nhwc, (nd - 1, nd - 2, *range(nd - 2)), nhwc)
+    out = jax.lax.conv_general_dilated_p.bind(
+        jnp.transpose(lhs, lhs_order),
+        jnp.transpose(rhs, rhs_order),
+        **{**params, "dimension_numbers": canonical},
+    )
+    return jnp.transpose(out, tuple(int(i) for i in np.argsort(out_order)))
+
+
+def _eval_nhwc(jaxpr: Any, consts: Any, args: Any) -> list:
+    """``eval_jaxpr`` with every convolution put in NHWC/HWIO layout (jits inlined)."""
+    env: dict = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jex.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        if eqn.primitive is jax.lax.conv_general_dilated_p:
+            outs = [_conv_nhwc(invals[0], invals[1], eqn.params)]
+        elif eqn.primitive.name in _CALLS and isinstance(inner, jex.ClosedJaxpr):
+            outs = _eval_nhwc(inner.jaxpr, inner.consts, invals)
+        elif eqn.primitive.name in _CALLS and isinstance(inner, jex.Jaxpr):
+            outs = _eval_nhwc(inner, [], invals)
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def loop_product(matvec: MatVec) -> MatVec:
+    """`matvec` as it should be traced inside a ``while_loop`` body.
+
+    XLA:CPU puts convolutions into the layout its fast kernels take (NHWC input, HWIO kernel)
+    only in a program's entry computation, not inside loop bodies: there the transposed
+    convolutions of a CNN's backward pass (kernel-gradient ``f01b_i01o->01bf``,
+    input-gradient ``b01f_01oi->b01f``) fall back to a naive loop nest, and a CNN product
+    inside Lanczos ran 4-8x (one convolution 40-70x) slower than the same product alone. On
+    CPU, a product with such convolutions is traced once to a jaxpr and evaluated with each
+    convolution wrapped in explicit transposes to NHWC/HWIO (what XLA does itself outside
+    loops); other products, other backends and explicitly sharded vectors are left as they
+    are.
+    """
+
+    def product(v: PyTree) -> PyTree:
+        leaves, treedef = jax.tree_util.tree_flatten(v)
+        if jax.default_backend() != "cpu" or any(tree.explicitly_sharded(x) for x in leaves):
+            return matvec(v)
+
+        def flat(*xs: Any) -> PyTree:
+            return matvec(jax.tree_util.tree_unflatten(treedef, xs))
+
+        closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*leaves)
+        if not _slow_convs(closed.jaxpr):
+            return matvec(v)
+        outs = _eval_nhwc(closed.jaxpr, closed.consts, leaves)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return product
 
 
 def orthogonalize(V: PyTree, w: PyTree) -> tuple[PyTree, jax.Array]:
@@ -58,13 +213,14 @@ def orthonormal_rows(Y: PyTree, count: int) -> PyTree:
 
 
 def expand(
-    matvec: MatVec, V: PyTree, H: jax.Array, j: jax.Array, key: jax.Array
+    matvec: MatVec, V: PyTree, H: jax.Array, j: jax.Array, seed: jax.Array
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """One Lanczos step on basis row j: ``w = A v_j`` made orthogonal to every row of V.
 
     Writes column (and row) j of the projected matrix ``H = V A Vᵀ`` and the next unit vector
     ``V[j+1]``; returns ``(V, H, β)`` with ``β = ‖w‖``. On breakdown (β at rounding level) the
-    next vector is a random direction orthogonal to V and β is 0, so nothing is divided by 0.
+    next vector is a fresh direction (:func:`pseudo_random` from `seed`) orthogonal to V and β
+    is 0, so nothing is divided by 0.
     """
     aw = matvec(tree.row(V, j))
     w, h = orthogonalize(V, aw)
@@ -73,8 +229,7 @@ def expand(
     broke = beta <= 10 * eps * tree.norm(aw)
 
     def fresh(w: PyTree) -> PyTree:
-        r = tree.random_tree(jax.random.fold_in(key, j), tree.zeros_like(w))
-        return orthogonalize(V, r)[0]
+        return orthogonalize(V, pseudo_random(seed, w, j))[0]
 
     w = jax.lax.cond(broke, fresh, lambda w: w, w)
     v_next, _ = normalize(w)
@@ -99,14 +254,70 @@ def lanczos_tree(
     dtype = tree.scalar_dtype(v0)
     V = start_basis(v0, m)
     H = jnp.zeros((m, m), dtype)
+    seed = seed_of(key)
+    matvec = loop_product(matvec)
 
     def step(j: jax.Array, carry: tuple[PyTree, jax.Array, jax.Array]) -> Any:
         V, H, betas = carry
-        V, H, beta = expand(matvec, V, H, j, key)
+        V, H, beta = expand(matvec, V, H, j, seed)
         return V, H, betas.at[j].set(beta)
 
     V, H, betas = jax.lax.fori_loop(0, m, step, (V, H, jnp.zeros((m,), dtype)))
     return jnp.diagonal(H), betas, jax.tree_util.tree_map(lambda Vl: Vl[:m], V)
+
+
+def tridiagonal(
+    matvec: MatVec, v0: PyTree, num_steps: int, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(alphas, betas)`` of `num_steps` Lanczos steps kept to three vectors (no basis).
+
+    The three-term recurrence, each new vector made orthogonal to the last two (twice). Without
+    a basis nothing is reorthogonalized globally: once Ritz values converge, rounding brings
+    back copies of them ("ghosts"), but the Gauss quadrature of ``v0ᵀ g(A) v0`` the
+    tridiagonal gives stays accurate (the weight of a converged eigenvalue is split among its
+    copies; Greenbaum 1989, Knizhnerman 1996), which is all stochastic Lanczos quadrature
+    uses. Cost per step: one product and a few vector operations; memory three vectors.
+    On breakdown (β at rounding level) the next vector is a fresh direction orthogonal to the
+    last two and β is 0, which decouples the rest of the tridiagonal from ``v0``.
+    """
+    dtype = tree.scalar_dtype(v0)
+    eps = jnp.finfo(dtype).eps
+    seed = seed_of(key)
+    matvec = loop_product(matvec)
+    v, _ = normalize(v0)
+
+    def step(j: jax.Array, carry: tuple) -> tuple:
+        v, prev, beta, alphas, betas = carry
+        u = matvec(v)
+        alpha = tree.vdot(v, u)
+        w = tree.axpy(-beta, prev, tree.axpy(-alpha, v, u))
+        d1, d0 = tree.vdot(v, w), tree.vdot(prev, w)
+        w = tree.axpy(-d0, prev, tree.axpy(-d1, v, w))
+        alpha = alpha + d1
+        b = tree.norm(w)
+        broke = b <= 10 * eps * tree.norm(u)
+
+        def fresh(w: PyTree) -> PyTree:
+            r = pseudo_random(seed, w, j)
+            for _ in range(2):
+                r = tree.axpy(-tree.vdot(prev, r), prev, tree.axpy(-tree.vdot(v, r), v, r))
+            return r
+
+        w = jax.lax.cond(broke, fresh, lambda w: w, w)
+        b = jnp.where(broke, jnp.zeros_like(b), b)
+        v_next, _ = normalize(w)
+        return v_next, v, b, alphas.at[j].set(alpha), betas.at[j].set(b)
+
+    zero = tree.zeros_like(v)
+    init = (
+        v,
+        zero,
+        jnp.zeros((), dtype),
+        jnp.zeros((num_steps,), dtype),
+        jnp.zeros((num_steps,), dtype),
+    )
+    _, _, _, alphas, betas = jax.lax.fori_loop(0, num_steps, step, init)
+    return alphas, betas
 
 
 def start_vector(op: TreeOperator, v0: PyTree | None, key: jax.Array) -> tuple[PyTree, jax.Array]:

@@ -1,4 +1,5 @@
-"""Newton-CG minimization: one loop (``_solver``), two strategies (``_trust``, ``_newton``)."""
+"""Newton-CG minimization: one loop (``_solver``), two strategies (``_trust``, ``_newton``),
+the automatic Jacobi preconditioner (``_jacobi``)."""
 
 from ._proposal import MinimizeState as MinimizeState
 from ._solver import Minimizer as Minimizer

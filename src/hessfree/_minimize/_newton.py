@@ -127,9 +127,12 @@ class LineSearchNewton:
             forcing,
         )
 
-    def escape(self, d: PyTree, dHd: jax.Array, radius: jax.Array) -> tuple[PyTree, jax.Array]:
-        del radius
-        return d, dHd
+    def escape(
+        self, d: PyTree, dHd: jax.Array, radius: jax.Array, dnorm: jax.Array
+    ) -> tuple[PyTree, jax.Array, jax.Array]:
+        """The direction itself (the line search scales it); its 2-norm is the step norm."""
+        del radius, dnorm
+        return d, dHd, tree.norm(d)
 
     def try_proposal(
         self, value: Callable[..., jax.Array], st: MinimizeState, args: tuple[Any, ...]

@@ -19,7 +19,8 @@ class Proposal(NamedTuple):
     the direction, else 0, as the line search's second-order term uses it); ``model =
     gd + ½dHd``; ``step_norm = ‖d‖`` in the trust-region norm. ``stationary``: proposed at
     a point with ``‖∇f‖ <= gtol`` (an escape from a saddle); ``nonfinite``: shrunk after a
-    non-finite gradient.
+    non-finite gradient; ``empty``: nothing to try (a state fresh from ``init``: the next step
+    computes the first proposal at x instead of trying one).
     """
 
     d: PyTree
@@ -31,6 +32,7 @@ class Proposal(NamedTuple):
     negative: jax.Array
     stationary: jax.Array
     nonfinite: jax.Array
+    empty: jax.Array
 
     def scaled(self, c: jax.Array) -> Proposal:
         """The same move times c (model, curvature and norm scaled to match)."""
@@ -58,23 +60,30 @@ def along(
         negative=jnp.asarray(negative),
         stationary=jnp.asarray(stationary),
         nonfinite=jnp.zeros((), bool),
+        empty=jnp.zeros((), bool),
     )
 
 
 def no_proposal(x: PyTree) -> Proposal:
+    """Nothing to try (``empty``): the zero step at x."""
     zero = jnp.zeros((), tree.scalar_dtype(x))
     false = jnp.zeros((), bool)
-    return Proposal(tree.zeros_like(x), zero, zero, zero, zero, false, false, false, false)
+    return Proposal(
+        tree.zeros_like(x), zero, zero, zero, zero, false, false, false, false, jnp.ones((), bool)
+    )
 
 
 class MinimizeState(NamedTuple):
     """Solver state between steps: a pytree of arrays only, safe to save and reload.
 
     ``x, fun, jac`` are the current iterate; ``proposal`` the move to try next (already
-    computed from the linearization at x, so a step needs one gradient pass). ``radius`` is
-    the trust radius (trust-ncg); ``forcing``/``gnorm_prev`` carry the Eisenstat-Walker
-    forcing term (newton-cg). The counters are as in :class:`~hessfree.OptimizeResult`;
-    ``status`` is -1 while running.
+    computed from the linearization at x, so a step needs one gradient pass; ``empty`` in a
+    state fresh from ``init``). ``radius`` is the trust radius (trust-ncg, in the norm
+    ``‖s‖_D = √(sᵀDs)`` of the preconditioner's diagonal D); ``forcing``/``gnorm_prev``
+    carry the Eisenstat-Walker forcing term (newton-cg). ``diagonal`` is the estimated
+    Hessian diagonal D of ``preconditioner="auto"``/``"diagonal"`` (ones until estimated; None
+    for other preconditioners) and ``jacobi`` its phase (see :mod:`._jacobi`). The counters
+    are as in :class:`~hessfree.OptimizeResult`; ``status`` is -1 while running.
     """
 
     x: PyTree
@@ -89,6 +98,8 @@ class MinimizeState(NamedTuple):
     nhev: jax.Array
     status: jax.Array
     proposal: Proposal
+    diagonal: PyTree
+    jacobi: jax.Array
 
 
 class Tried(NamedTuple):

@@ -188,11 +188,16 @@ class TrustRegion:
             false,
             false,
             false,
+            false,
         )
         return proposal, sub.matvecs, st.forcing
 
-    def escape(self, d: PyTree, dHd: jax.Array, radius: jax.Array) -> tuple[PyTree, jax.Array]:
-        return tree.scale(radius, d), dHd * radius**2
+    def escape(
+        self, d: PyTree, dHd: jax.Array, radius: jax.Array, dnorm: jax.Array
+    ) -> tuple[PyTree, jax.Array, jax.Array]:
+        """Along d (curvature `dHd`, trust-region norm `dnorm`) to the boundary ``‖s‖ = Δ``."""
+        c = radius / jnp.where(dnorm > 0, dnorm, 1)
+        return tree.scale(c, d), dHd * c**2, radius
 
     def try_proposal(
         self, value: Callable[..., jax.Array], st: MinimizeState, args: tuple[Any, ...]
