@@ -99,6 +99,7 @@ def test_an_iterator_and_explicit_sizes():
     np.testing.assert_allclose(eq, mean, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_algorithms_damping_and_float32():
     p, X, labels, _ = make(n=30)
     parts = split((X, labels), [12, 24])

@@ -47,6 +47,7 @@ def test_unknown_command_exits_with_usage():
         main(["nope"])
 
 
+@pytest.mark.slow
 def test_spectrum_command_writes_the_figure(tmp_path):
     # In a fresh interpreter, as a user runs it.
     out = tmp_path / "spectrum.png"

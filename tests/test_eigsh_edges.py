@@ -41,6 +41,7 @@ def test_eigsh_finds_the_multiplicity_of_a_repeated_eigenvalue(dtype, which, exp
     np.testing.assert_allclose(res.eigenvalues, expected, rtol=rtol_of(dtype))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_eigsh_repeated_top_eigenvalue_in_a_larger_space(dtype, k):
@@ -138,6 +139,7 @@ def gapped(dtype, n=6):
     return jnp.asarray(with_spectrum(np.array([-2.0, -1.0, 0.5, 1.5, 3.0, 4.0])[:n]), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["LA", "SA"])
 def test_grad_of_eigenvalues_of_a_dense_matrix_matches_eigh(dtype, which):
@@ -168,6 +170,7 @@ def test_grad_of_eigenvalues_matches_finite_differences():
     np.testing.assert_allclose(jax.jacfwd(f)(0.0), fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_of_a_hessian_eigenvalue_wrt_data_and_point(dtype):
     n = 8
@@ -228,6 +231,7 @@ def sym(G):
     return (G + jnp.swapaxes(G, -1, -2)) / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 def test_eigenvector_derivatives_of_a_dense_matrix_match_eigh(dtype, which):
@@ -252,6 +256,7 @@ def test_eigenvector_derivatives_of_a_dense_matrix_match_eigh(dtype, which):
     np.testing.assert_allclose(jax.jvp(ours, (M,), (E,))[1], jax.jvp(ref, (M,), (E,))[1], atol=atol)
 
 
+@pytest.mark.slow
 def test_eigenvector_derivatives_match_finite_differences():
     M = jnp.asarray(with_spectrum(np.array(MIXED)))
     E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 6), seed=3))
@@ -271,6 +276,7 @@ def coupled(x, d):
     return 0.5 * jnp.sum(d * x**2) + 0.5 * jnp.sum(d[1:] * x[1:] * x[:-1]) + 0.1 * jnp.sum(x**4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_of_a_hessian_eigenvector_wrt_data_and_point(dtype):
     n = 8
@@ -311,6 +317,7 @@ def test_grad_of_eigenvectors_through_a_partial_operator_under_jit_and_vmap():
     np.testing.assert_allclose(sym(jax.vmap(jax.grad(top))(stack)[1]), g_ref / 2, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [2, 3])
 def test_repeated_eigenvalue_gives_nan_eigenvector_derivatives_only(dtype, k):
@@ -348,6 +355,7 @@ def test_repeated_eigenvalue_gives_nan_eigenvector_derivatives_only(dtype, k):
     np.testing.assert_allclose(directional, 2 * (w @ y) * (w @ dy), atol=atol)
 
 
+@pytest.mark.slow
 def test_second_derivatives_of_eigenpairs_match_eigh():
     M = jnp.asarray(with_spectrum(np.array(MIXED)))
     E = jnp.asarray(with_spectrum(np.linspace(-1, 1, 6), seed=3))
@@ -425,5 +433,5 @@ def _generated(count):
     )
 
 
-test_eigsh_scale_fuzz = _generated(25)
+test_eigsh_scale_fuzz = _generated(8)  # CI; 300 examples in the slow tier
 test_eigsh_scale_fuzz_many = pytest.mark.slow(_generated(300))

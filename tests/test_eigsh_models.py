@@ -130,5 +130,9 @@ def test_pseudo_random_is_deterministic_balanced_and_keeps_dtypes():
     assert -1 <= b.min() and b.max() < 1 and abs(b.mean()) < 0.05 and abs(b.var() - 1 / 3) < 0.02
     s = np.asarray(signs["a"]).ravel()
     assert set(np.unique(s)) == {-1.0, 1.0} and abs(s.mean()) < 0.05
+    # another seed, or another counter, gives an uncorrelated draw
+    for seed, counter in ((6, 2), (5, 3)):
+        t = np.asarray(pseudo_random(seed, like, counter, signs=True)["a"]).ravel()
+        assert abs(np.mean(s * t)) < 0.05
     # leaves are not copies of each other
     assert not np.allclose(np.asarray(u1["a"]).ravel()[:100], b[:100])

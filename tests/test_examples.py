@@ -76,6 +76,7 @@ def test_equinox_autoencoder_trains():
     assert result["test_loss"] < 0.6 * result["initial_loss"], result
 
 
+@pytest.mark.slow
 def test_training_benchmark_quick_path_runs(tmp_path):
     """The classifier part of ``bench_training.py --quick`` (the autoencoder's path is the
     same code on a deeper network, which takes longer to compile)."""

@@ -213,6 +213,7 @@ def _tree_matvec(v):  # SMALL acting on {"a": (10,), "b": (5, 6)}
     return {"a": y[:10], "b": y[10:].reshape(5, 6)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_a_callable_on_a_dict_pytree(dtype):
     like = {"a": jnp.zeros(10, dtype), "b": jnp.zeros((5, 6), dtype)}

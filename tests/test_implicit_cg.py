@@ -73,6 +73,7 @@ def test_grad_wrt_b_and_dense_a_matches_linalg_solve(dtype):
         np.testing.assert_allclose(sym(ga), sym(ua), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jacrev_and_jacfwd_wrt_b_are_the_inverse(dtype):
     a = jnp.asarray(spd(4, 3), dtype)
@@ -132,6 +133,7 @@ def test_pytree_b_with_partial_operator_arrays(dtype):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_through_a_curvature_operator_matches_dense_hessian(dtype):
     c = jnp.asarray(spd(4, 7), dtype)

@@ -74,6 +74,7 @@ def _train(p, x, y):
     return jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
 
 
+@pytest.mark.slow
 def test_eager_loop_compiles_nothing_after_the_first_step():
     p, (x, y) = init(jax.random.key(0)), data(jax.random.key(1))
     counts, sizes = [], []

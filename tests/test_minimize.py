@@ -302,21 +302,6 @@ def test_resume_across_the_switch_to_the_jacobi_preconditioner(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_hashed_probes_are_signs_or_uniform_in_the_leaves_dtypes():
-    from hessfree._minimize._jacobi import hashed_tree
-
-    like = {"a": jnp.zeros((500, 40)), "b": jnp.zeros(7, jnp.float32)}
-    signs = hashed_tree(like, 3, signs=True)
-    assert signs["a"].dtype == jnp.float64 and signs["b"].dtype == jnp.float32
-    assert set(np.unique(signs["a"])) == {-1.0, 1.0}
-    assert abs(float(jnp.mean(signs["a"]))) < 0.02
-    np.testing.assert_array_equal(signs["a"], hashed_tree(like, 3, signs=True)["a"])
-    assert abs(float(jnp.mean(signs["a"] * hashed_tree(like, 4, signs=True)["a"]))) < 0.02
-    uniform = hashed_tree(like, 0, signs=False)["a"]
-    assert -1.0 <= float(uniform.min()) and float(uniform.max()) < 1.0
-    assert abs(float(jnp.std(uniform)) - 3**-0.5) < 0.01
-
-
 # --- honest status -------------------------------------------------------------------------
 
 

@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("sharded_checks.py")
 # Read the names without importing the script: importing it would set XLA_FLAGS here.
 CHECKS = re.findall(r"^@check\ndef (\w+)\(", SCRIPT.read_text(), flags=re.M)
 
 
+@pytest.mark.slow
 def test_sharded_checks_on_8_devices():
     env = {
         **os.environ,

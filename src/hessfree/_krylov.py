@@ -4,8 +4,9 @@ A basis of m vectors is a pytree whose every leaf has a leading axis m; inner pr
 per-leaf sums (:mod:`hessfree._tree`), so the basis keeps the parameters' layout and sharding.
 Only the small ``m × m`` projected problems are dense. :func:`lanczos_tree` reorthogonalizes
 every new vector fully (``O(m n)`` per step); :func:`tridiagonal` (spectral_density) keeps no
-basis; eigsh reorthogonalizes partially (see :mod:`hessfree._eigsh`). Products inside these
-loops go through :func:`loop_product`, and fresh directions inside them come from
+basis; eigsh reorthogonalizes every new vector fully too, with a second Gram-Schmidt pass only
+where the first removed much of it (see :mod:`hessfree._eigsh`). Products inside these loops
+go through :func:`loop_product`, and fresh directions inside them come from
 :func:`pseudo_random` (a few integer operations per entry: ``jax.random`` would add hundreds of
 instructions per leaf to every program, and seconds to its compile).
 """
