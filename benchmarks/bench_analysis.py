@@ -36,23 +36,14 @@ from hessfree._cli.workloads import mlp_apply, mlp_classifier
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+from _timing import median_time  # noqa: E402
+
 COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *_, **__: (
         COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
     )
 )
-
-
-def median_time(fn: Any, repeats: int) -> tuple[float, Any]:
-    """Median wall seconds of `fn()` over `repeats` runs after one warm-up (blocked)."""
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def scipy_eigsh(scipy_op: Any, k: int, tol: float, v0: np.ndarray, repeats: int) -> Any:

@@ -76,7 +76,7 @@ def _ritz_pairs(s: _State, size: jax.Array, which: str, count: int) -> Any:
     return theta, S, idx, residual, active[idx]
 
 
-def _combined(Y: jax.Array, V: PyTree, rows: int) -> PyTree:
+def _combined(Y: jax.Array, V: PyTree) -> PyTree:
     """The rows ``Yᵀ V[:m]`` (leaves ``(r, ...)``): one matrix product per leaf."""
     m = Y.shape[0]
     return jax.tree_util.tree_map(lambda Vl: jnp.tensordot(Y.T.astype(Vl.dtype), Vl[:m], 1), V)
@@ -101,7 +101,7 @@ def _restart(s: _State, which: str, k: int, keep: int, fresh: Any) -> _State:
     theta, S, active = ritz(s.H, size)  # size == m for a thick restart: all of H
     idx = _wanted(theta, active, which, keep)
     Y = S[:, idx] * jnp.where(lock, jnp.arange(keep) < k, True)  # a lock keeps k columns
-    kept = _combined(Y, s.V, keep)
+    kept = _combined(Y, s.V)
     last = tree.scale(jnp.where(lock, 0, 1), tree.row(s.V, m))
 
     def rows(Vl: jax.Array, Kl: jax.Array, Ll: jax.Array) -> jax.Array:
@@ -168,28 +168,8 @@ def eigsh_tree(
     eps = float(np.finfo(dtype).eps)
     tiny = jnp.asarray(eps ** (2 / 3), dtype)
     locks = k + 2  # at most this many lock-and-check rounds
-    rows = jnp.arange(m + 1)
     seed = seed_of(key)
     matvec = loop_product(matvec)
-
-    def full(V: PyTree, w: PyTree, j: jax.Array) -> tuple[PyTree, jax.Array]:
-        """w orthogonalized against rows 0..j of V, and the coefficients removed: classical
-        Gram-Schmidt, a second time only where the first removed much of w (Daniel, Gragg,
-        Kaufman & Stewart 1976: ‖w‖ fell below 1/√2 of itself)."""
-        inside = rows <= j
-        before = tree.norm(w)
-        h = jnp.where(inside, tree.project(V, w), 0)
-        w = tree.sub(w, tree.combine(h, V))
-
-        def again(w: PyTree) -> tuple[PyTree, jax.Array]:
-            h2 = jnp.where(inside, tree.project(V, w), 0)
-            return tree.sub(w, tree.combine(h2, V)), h2
-
-        def done(w: PyTree) -> tuple[PyTree, jax.Array]:
-            return w, jnp.zeros_like(h)
-
-        w, h2 = jax.lax.cond(tree.norm(w) < 0.7 * before, again, done, w)
-        return w, h + h2
 
     def grow(s: _State) -> _State:
         # a stopped or pending element (under vmap the body still runs on it) stays in range
@@ -211,12 +191,12 @@ def eigsh_tree(
         # locked Ritz vectors) leaks back into every new vector. This also gives the last
         # vector of a full basis, which a thick restart keeps as the residual direction, its
         # coupling to the kept Ritz vectors: its inner products with them
-        w, h = full(s.V, w, j)
+        w, h = orthogonalize(s.V, w)  # rows past j are zero
         beta = tree.norm(w)
         broke = beta <= 10 * eps * tree.norm(u)
 
         def fresh(w: PyTree) -> PyTree:  # an invariant subspace: go on in a new direction
-            return full(s.V, pseudo_random(seed, w, s.num_matvecs), j)[0]
+            return orthogonalize(s.V, pseudo_random(seed, w, s.num_matvecs))[0]
 
         w = jax.lax.cond(broke, fresh, lambda w: w, w)
         v_next, _ = normalize(w)
@@ -307,7 +287,7 @@ def eigsh_tree(
     theta, S, idx, residual, _ = _ritz_pairs(s, jnp.maximum(s.j, 1), which, k)
     order = jnp.argsort(theta[idx])
     idx, residual = idx[order], residual[order]
-    vectors = _combined(S[:, idx], s.V, k)
+    vectors = _combined(S[:, idx], s.V)
     # unit length to rounding, whatever rounding the combination of basis rows added
     vectors = jax.vmap(lambda y: normalize(y)[0])(vectors)
     status = jnp.where(s.converged, SUCCESS, jnp.where(s.finite, MAXITER, NONFINITE))
