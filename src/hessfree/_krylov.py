@@ -260,14 +260,17 @@ def start_basis(v0: PyTree, m: int) -> PyTree:
 
 
 def lanczos_tree(
-    matvec: MatVec, v0: PyTree, num_steps: int, key: jax.Array
+    matvec: MatVec, v0: PyTree, num_steps: int, seed: Any
 ) -> tuple[jax.Array, jax.Array, PyTree]:
-    """``(alphas, betas, V)`` of `num_steps` Lanczos steps; V's leaves have leading axis m."""
+    """``(alphas, betas, V)`` of `num_steps` Lanczos steps; V's leaves have leading axis m.
+
+    `seed` (uint32, e.g. :func:`seed_of` a key) draws the fresh directions after breakdowns.
+    """
     m = num_steps
     dtype = tree.scalar_dtype(v0)
     V = start_basis(v0, m)
     H = jnp.zeros((m, m), dtype)
-    seed = seed_of(key)
+    seed = jnp.asarray(seed, jnp.uint32)
     matvec = loop_product(matvec)
 
     def step(j: jax.Array, carry: tuple[PyTree, jax.Array, jax.Array]) -> Any:
@@ -362,7 +365,7 @@ def _lanczos_impl(
 ) -> LanczosResult:
     op = tree_operator(A, like)
     v0, k_run = start_vector(op, v0, key)
-    alphas, betas, V = lanczos_tree(op.matvec, v0, num_steps, k_run)
+    alphas, betas, V = lanczos_tree(op.matvec, v0, num_steps, seed_of(k_run))
     return LanczosResult(alphas, betas, V, jnp.asarray(num_steps, jnp.int32))
 
 
