@@ -92,7 +92,10 @@ def norm(x: PyTree) -> jax.Array:
     for leaf in jax.tree_util.tree_leaves(x):
         scaled = leaf * inv.astype(jnp.result_type(leaf, inv))
         total = total + jnp.sum(scaled * scaled).astype(total.dtype)
-    positive = total > 0
+    # total > 0 exactly where m is positive and finite (the largest scaled entry is at least
+    # ½), so that is the test: total is read once, and XLA fuses its square root and the
+    # rescaling into the reduction (one kernel, not two)
+    positive = jnp.isfinite(m) & (m > 0)
     root = jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), 0)
     return jnp.where(jnp.isfinite(m), s * root, m)
 
