@@ -101,8 +101,15 @@ def _probe_curvature(hv: MatVec, x: PyTree, g: PyTree, iters: int) -> Probe:
         return tree.cast_like(hv(v), x)
 
     alphas, betas, V = lanczos_tree(matvec, u, iters, _LANCZOS_SEED)
-    off = betas[:-1]
-    T = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    # T = diag(α) + diag(β[:-1], 1) + diag(β[:-1], -1), summed in that order, as one
+    # elementwise expression (jnp.diag's pads are a kernel each)
+    i = jnp.arange(iters)[:, None]
+    k = jnp.arange(iters)[None, :]
+    T = (
+        jnp.where(i == k, alphas[None, :], 0)
+        + jnp.where(k == i + 1, betas[:, None], 0)
+        + jnp.where(i == k + 1, betas[None, :], 0)
+    )
     theta, S = jnp.linalg.eigh(T)
     y, _ = normalize(tree.combine(S[:, 0], V))
     c = tree.vdot(y, matvec(y))
