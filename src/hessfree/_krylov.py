@@ -247,11 +247,21 @@ def expand(
     w = jax.lax.cond(broke, fresh, lambda w: w, w)
     v_next, _ = normalize(w)
     beta = jnp.where(broke, jnp.zeros_like(beta), beta)
-    V = tree.set_row(V, j + 1, v_next)
+    V = _put_row(V, j + 1, v_next)
     m = H.shape[0]
     h = h[:m].astype(H.dtype)
-    H = H.at[:, j].set(h).at[j, :].set(h)
+    H = jax.lax.dynamic_update_index_in_dim(H, h, j, 1)
+    H = jax.lax.dynamic_update_index_in_dim(H, h, j, 0)
     return V, H, beta
+
+
+def _put_row(V: PyTree, j: jax.Array, x: PyTree) -> PyTree:
+    """:func:`tree.set_row` for an index known to be in bounds: a dynamic update slice, where
+    ``.at[j].set`` also compiles the bounds check that drops an update out of bounds (two
+    more kernels per write in a loop body)."""
+    return jax.tree_util.tree_map(
+        lambda Vl, xl: jax.lax.dynamic_update_index_in_dim(Vl, xl.astype(Vl.dtype), j, 0), V, x
+    )
 
 
 def start_basis(v0: PyTree, m: int) -> PyTree:
@@ -260,20 +270,23 @@ def start_basis(v0: PyTree, m: int) -> PyTree:
 
 
 def lanczos_tree(
-    matvec: MatVec, v0: PyTree, num_steps: int, key: jax.Array
+    matvec: MatVec, v0: PyTree, num_steps: int, seed: Any
 ) -> tuple[jax.Array, jax.Array, PyTree]:
-    """``(alphas, betas, V)`` of `num_steps` Lanczos steps; V's leaves have leading axis m."""
+    """``(alphas, betas, V)`` of `num_steps` Lanczos steps; V's leaves have leading axis m.
+
+    `seed` (uint32, e.g. :func:`seed_of` a key) draws the fresh directions after breakdowns.
+    """
     m = num_steps
     dtype = tree.scalar_dtype(v0)
     V = start_basis(v0, m)
     H = jnp.zeros((m, m), dtype)
-    seed = seed_of(key)
+    seed = jnp.asarray(seed, jnp.uint32)
     matvec = loop_product(matvec)
 
     def step(j: jax.Array, carry: tuple[PyTree, jax.Array, jax.Array]) -> Any:
         V, H, betas = carry
         V, H, beta = expand(matvec, V, H, j, seed)
-        return V, H, betas.at[j].set(beta)
+        return V, H, jax.lax.dynamic_update_index_in_dim(betas, beta, j, 0)
 
     V, H, betas = jax.lax.fori_loop(0, m, step, (V, H, jnp.zeros((m,), dtype)))
     return jnp.diagonal(H), betas, jax.tree_util.tree_map(lambda Vl: Vl[:m], V)
@@ -362,7 +375,7 @@ def _lanczos_impl(
 ) -> LanczosResult:
     op = tree_operator(A, like)
     v0, k_run = start_vector(op, v0, key)
-    alphas, betas, V = lanczos_tree(op.matvec, v0, num_steps, k_run)
+    alphas, betas, V = lanczos_tree(op.matvec, v0, num_steps, seed_of(k_run))
     return LanczosResult(alphas, betas, V, jnp.asarray(num_steps, jnp.int32))
 
 
