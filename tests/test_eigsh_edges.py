@@ -446,5 +446,5 @@ def _generated(count):
     )
 
 
-test_eigsh_scale_fuzz = _generated(8)  # CI; 300 examples in the slow tier
+test_eigsh_scale_fuzz = _generated(4)  # CI; 300 examples in the slow tier
 test_eigsh_scale_fuzz_many = pytest.mark.slow(_generated(300))

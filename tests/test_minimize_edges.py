@@ -190,7 +190,7 @@ def _generated(count):
     )
 
 
-test_scale_fuzz = _generated(6)  # CI; 320 examples in the slow tier
+test_scale_fuzz = _generated(4)  # CI; 320 examples in the slow tier
 test_scale_fuzz_many = pytest.mark.slow(_generated(320))
 
 
