@@ -247,21 +247,12 @@ def expand(
     w = jax.lax.cond(broke, fresh, lambda w: w, w)
     v_next, _ = normalize(w)
     beta = jnp.where(broke, jnp.zeros_like(beta), beta)
-    V = _put_row(V, j + 1, v_next)
+    V = tree.put_row(V, j + 1, v_next)
     m = H.shape[0]
     h = h[:m].astype(H.dtype)
     H = jax.lax.dynamic_update_index_in_dim(H, h, j, 1)
     H = jax.lax.dynamic_update_index_in_dim(H, h, j, 0)
     return V, H, beta
-
-
-def _put_row(V: PyTree, j: jax.Array, x: PyTree) -> PyTree:
-    """:func:`tree.set_row` for an index known to be in bounds: a dynamic update slice, where
-    ``.at[j].set`` also compiles the bounds check that drops an update out of bounds (two
-    more kernels per write in a loop body)."""
-    return jax.tree_util.tree_map(
-        lambda Vl, xl: jax.lax.dynamic_update_index_in_dim(Vl, xl.astype(Vl.dtype), j, 0), V, x
-    )
 
 
 def start_basis(v0: PyTree, m: int) -> PyTree:

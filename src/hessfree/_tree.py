@@ -166,6 +166,15 @@ def set_row(V: PyTree, j: Any, x: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda Vl, xl: Vl.at[j].set(xl.astype(Vl.dtype)), V, x)
 
 
+def put_row(V: PyTree, j: Any, x: PyTree) -> PyTree:
+    """:func:`set_row` for an index known to be in bounds: a dynamic update slice, where
+    ``.at[j].set`` also compiles the bounds check that drops an update out of bounds (two
+    more kernels per write in a loop body). An out-of-bounds j is clamped, not dropped."""
+    return jax.tree_util.tree_map(
+        lambda Vl, xl: jax.lax.dynamic_update_index_in_dim(Vl, xl.astype(Vl.dtype), j, 0), V, x
+    )
+
+
 def empty_basis(zero: PyTree, m: int) -> PyTree:
     """m zero vectors like `zero` (leaves ``(m, *shape)``, same layout)."""
     return jax.tree_util.tree_map(lambda z: jnp.broadcast_to(z[None], (m, *z.shape)), zero)
