@@ -15,7 +15,9 @@ On the Hessian of a ~0.5M-parameter MLP (784-512-256-10, batch 256, float32):
    ``lax.fori_loop`` (power iteration), and eigsh k = 1 per product.
 5. First call in a fresh process (XLA compile included): ``hessfree.eigsh(op, k)`` vs
    ``scipy.sparse.linalg.eigsh(op.as_scipy(), k)`` (the jit of the product included); the
-   operator is built (and its linearization compiled) before the clock starts in both.
+   operator is built (and its linearization compiled) before the clock starts in both. Also
+   spectral_density, and ``hessfree.trace`` (Hutchinson, 8 probes) against the same 8
+   products by hand through ``op.as_scipy()`` with numpy probes.
 
 Ratios are what to compare across runs: the machine is shared and absolute times are noisy.
 Writes benchmarks/results/eigsh.json.
@@ -209,6 +211,12 @@ def first_call(which: str, k: int) -> float:
         jax.block_until_ready(
             hessfree.spectral_density(op, key=jax.random.PRNGKey(0), num_probes=8, num_steps=60)
         )
+    elif which == "trace":
+        jax.block_until_ready(hessfree.trace(op, key=jax.random.PRNGKey(0), num_probes=k))
+    elif which == "trace-scipy":  # Hutchinson by hand: numpy probes through op.as_scipy()
+        z = np.random.default_rng(0).choice(np.float32([-1, 1]), size=(k, op.shape[0]))
+        A = op.as_scipy()
+        float(np.mean([zi @ A.matvec(zi) for zi in z]))
     else:
         v0 = np.random.default_rng(0).normal(size=op.shape[0]).astype(np.float32)
         sla.eigsh(op.as_scipy(), k, which="LA", tol=TOL, v0=v0)
@@ -232,6 +240,9 @@ def bench_first_calls(ks: tuple[int, ...]) -> list[dict[str, Any]]:
         rows.append({"k": k, "hessfree_s": h, "arpack_s": a, "ratio": h / a})
     d = fresh("density", 0)
     rows.append({"k": "density", "hessfree_s": d, "arpack_s": float("nan"), "ratio": float("nan")})
+    # trace (Hutchinson, 8 probes) against the same 8 products by hand through op.as_scipy()
+    t, a = fresh("trace", 8), fresh("trace-scipy", 8)
+    rows.append({"k": "trace 8", "hessfree_s": t, "arpack_s": a, "ratio": t / a})
     return rows
 
 
@@ -240,7 +251,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="k = 1, 5 only; no CNN")
     parser.add_argument("--skip-first-call", action="store_true")
-    parser.add_argument("--first-call", choices=("hessfree", "arpack", "density"))
+    parser.add_argument(
+        "--first-call", choices=("hessfree", "arpack", "density", "trace", "trace-scipy")
+    )
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(RESULTS, "eigsh.json"))
     args = parser.parse_args()
@@ -286,8 +299,9 @@ def main() -> None:
     first = None
     if not args.skip_first_call:
         first = bench_first_calls((1, 5) if args.quick else (1, 5, 20))
-        print("\nfirst call in a fresh process (compile included; operator built before)")
-        print(f"{'k':>8} {'hessfree s':>11} {'ARPACK s':>9} {'ratio':>6}")
+        print("\nfirst call in a fresh process (compile included; operator built before);")
+        print("peer: ARPACK for eigsh, 8 products through op.as_scipy() for trace")
+        print(f"{'k':>8} {'hessfree s':>11} {'peer s':>9} {'ratio':>6}")
         for r in first:
             print(
                 f"{r['k']!s:>8} {r['hessfree_s']:>11.2f} {r['arpack_s']:>9.2f} {r['ratio']:>6.2f}"

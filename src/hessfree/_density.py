@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _tree as tree
-from ._krylov import tridiagonal
+from ._krylov import derived_seed, pseudo_random, seed_of, tridiagonal
 from ._linop import MatVec, tree_operator
 from ._results import DensityResult
 from ._staging import staged
@@ -16,10 +16,10 @@ from ._validation import PyTree, check_key, check_number, check_positive_int, ch
 
 
 def _quadrature(
-    matvec: MatVec, v0: PyTree, num_steps: int, key: jax.Array
+    matvec: MatVec, v0: PyTree, num_steps: int, seed: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Gauss quadrature of ``v0ᵀ g(A) v0 / ‖v0‖²``: nodes θ (Ritz values), weights ``s_0²``."""
-    alphas, betas = tridiagonal(matvec, v0, num_steps, key)
+    alphas, betas = tridiagonal(matvec, v0, num_steps, seed)
     T = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     theta, S = jnp.linalg.eigh(T)
     return theta, S[0] ** 2
@@ -54,22 +54,22 @@ def _density_impl(
 ) -> DensityResult:
     op = tree_operator(A, like)
     zero = op.zeros()
+    seed = seed_of(key)
 
-    def one(probe_key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        k_probe, k_run = jax.random.split(probe_key)
-        v0 = tree.random_tree(k_probe, zero, "rademacher")
-        return _quadrature(op.matvec, v0, num_steps, k_run)
+    def one(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        v0 = pseudo_random(seed, zero, i, signs=True)  # a Rademacher probe, hashed
+        return _quadrature(op.matvec, v0, num_steps, derived_seed(seed, i))
 
-    keys = jax.random.split(key, num_probes)
+    probe_ids = jnp.arange(num_probes, dtype=jnp.uint32)
     if any(tree.explicitly_sharded(leaf) for leaf in jax.tree_util.tree_leaves(zero)):
         # Under explicit mesh axes, vmap would turn Lanczos' breakdown cond into a select
         # whose batched predicate cannot carry the vectors' sharding (JAX refuses it): run
         # the probes one after another instead; each product is still sharded.
-        nodes, weights = jax.lax.map(one, keys)
+        nodes, weights = jax.lax.map(one, probe_ids)
     elif chunk_size is None:
-        nodes, weights = jax.vmap(one)(keys)
+        nodes, weights = jax.vmap(one)(probe_ids)
     else:
-        nodes, weights = jax.lax.map(one, keys, batch_size=chunk_size)
+        nodes, weights = jax.lax.map(one, probe_ids, batch_size=chunk_size)
     grid, density = broadened_density(nodes, weights, num_points, sigma)
     return DensityResult(grid, density, jnp.asarray(num_probes * num_steps, jnp.int32))
 

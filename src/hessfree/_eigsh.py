@@ -18,7 +18,6 @@ from ._krylov import (
     orthogonalize,
     pseudo_random,
     ritz,
-    seed_of,
     start_basis,
     start_vector,
 )
@@ -137,7 +136,7 @@ def eigsh_tree(
     num_steps: int,
     tol: float,
     maxiter: int,
-    key: jax.Array,
+    seed: Any,
 ) -> EigshResult:
     """Thick-restart Lanczos with full reorthogonalization, on pytrees.
 
@@ -172,7 +171,7 @@ def eigsh_tree(
     eps = float(np.finfo(dtype).eps)
     tiny = jnp.asarray(eps ** (2 / 3), dtype)
     locks = k + 2  # at most this many lock-and-check rounds
-    seed = seed_of(key)
+    seed = jnp.asarray(seed, jnp.uint32)
     matvec = loop_product(matvec)
 
     def grow(s: _State) -> _State:
@@ -333,8 +332,8 @@ def _eigsh_impl(
     @jax.custom_jvp
     def solve(arrays: list, like: PyTree, v0: PyTree, key: jax.Array) -> EigshResult:
         op = tree_operator(rebuild(arrays), like)
-        v0, k_run = start_vector(op, v0, key)
-        return eigsh_tree(op.matvec, v0, k, which, num_steps, tol, maxiter, k_run)
+        v0, seed = start_vector(op, v0, key)
+        return eigsh_tree(op.matvec, v0, k, which, num_steps, tol, maxiter, seed)
 
     @solve.defjvp
     def solve_jvp(primals: tuple, tangents: tuple) -> tuple[EigshResult, EigshResult]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 
 from . import _tree as tree
-from ._krylov import orthonormal_rows
+from ._krylov import orthonormal_rows, probes, seed_of
 from ._linop import TreeOperator, tree_operator
 from ._results import DiagonalEstimate, TraceEstimate
 from ._staging import staged
@@ -34,8 +34,9 @@ DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
 def _probes(key: jax.Array, count: int, op: TreeOperator, distribution: str) -> PyTree:
-    """`count` probe vectors with ``E[z zᵀ] = I``: leaves ``(count, *leaf_shape)``."""
-    return tree.random_tree(key, op.zeros(), distribution, count)
+    """`count` probe vectors with ``E[z zᵀ] = I``: leaves ``(count, *leaf_shape)``, hashed
+    from the key's seed (:func:`hessfree._krylov.probes`)."""
+    return probes(seed_of(key), op.zeros(), count, distribution)
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
