@@ -119,6 +119,55 @@ def test_eigsh_on_a_pytree_callable_under_jit():
     assert_eigenpairs(A, values, flat_vectors, rtol=1e-7)
 
 
+def test_flat_view_round_trips_and_declines_where_it_would_change_the_layout():
+    like = {"a": jnp.zeros(3), "b": jnp.zeros((2, 4)), "c": jnp.zeros(())}
+    ravel, unravel = hessfree._tree.flat_view(like)
+    x = {"a": jnp.arange(3.0), "b": jnp.arange(8.0).reshape(2, 4) + 10, "c": jnp.asarray(-1.0)}
+    v = ravel(x)
+    np.testing.assert_array_equal(v, flat(x))  # ravel_pytree's order
+    back = unravel(v)
+    for key in like:
+        np.testing.assert_array_equal(back[key], x[key])
+        assert back[key].shape == like[key].shape
+    # one leaf: nothing to gain; two dtypes: one flat dtype would change one of them
+    assert hessfree._tree.flat_view({"a": jnp.zeros(3)}) is None
+    assert hessfree._tree.flat_view({"a": jnp.zeros(3), "b": jnp.zeros(2, jnp.float32)}) is None
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_eigsh_and_lanczos_agree_on_flat_and_per_leaf_bases(which, monkeypatch):
+    """On one device a multi-leaf pytree runs on one flat vector; per leaf (as on several
+    devices) the same Krylov space gives the same answers."""
+
+    def matvec(v):
+        y = A @ jnp.concatenate([v["a"], v["b"].ravel()])
+        return {"a": y[:20], "b": y[20:].reshape(8, 5)}
+
+    like = {"a": jnp.zeros(20), "b": jnp.zeros((8, 5))}
+    assert hessfree._tree.flat_view(like) is not None
+    flat_res = eigsh(matvec, 3, which=which, key=KEY, like=like)
+    flat_lz = lanczos(matvec, None, 12, key=KEY, like=like)
+    declined = []
+    monkeypatch.setattr(hessfree._tree, "flat_view", lambda like: declined.append(1))
+
+    def per_leaf(v):  # another function: traced anew, not the compiled flat program
+        return matvec(v)
+
+    leaf_res = eigsh(per_leaf, 3, which=which, key=KEY, like=like)
+    leaf_lz = lanczos(per_leaf, None, 12, key=KEY, like=like)
+    assert len(declined) == 2  # both ran per leaf
+    np.testing.assert_allclose(flat_res.eigenvalues, reference(SPECTRUM, 3, which), rtol=1e-10)
+    np.testing.assert_allclose(leaf_res.eigenvalues, flat_res.eigenvalues, rtol=1e-10)
+    for key in like:  # the same start vector, so the same eigenvectors up to rounding and sign
+        assert flat_res.eigenvectors[key].shape == leaf_res.eigenvectors[key].shape
+    signs = np.sign(np.sum(flat_res.eigenvectors["a"] * leaf_res.eigenvectors["a"], axis=1))
+    np.testing.assert_allclose(
+        flat_res.eigenvectors["b"], signs[:, None, None] * leaf_res.eigenvectors["b"], atol=1e-7
+    )
+    np.testing.assert_allclose(flat_lz.alphas, leaf_lz.alphas, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flat_lz.basis["b"], leaf_lz.basis["b"], atol=1e-9)
+
+
 def test_eigsh_vmaps_over_matrices():
     spectra = [np.linspace(-1.0, 1.0, 30) * s for s in (1.0, 2.0, 3.0)]
     stack = jnp.asarray(np.stack([with_spectrum(s, seed=i) for i, s in enumerate(spectra)]))

@@ -13,6 +13,7 @@ from . import _tree as tree
 from ._cg import pcg
 from ._krylov import (
     checked_start,
+    flattened,
     loop_product,
     normalize,
     orthogonalize,
@@ -333,7 +334,9 @@ def _eigsh_impl(
     def solve(arrays: list, like: PyTree, v0: PyTree, key: jax.Array) -> EigshResult:
         op = tree_operator(rebuild(arrays), like)
         v0, seed = start_vector(op, v0, key)
-        return eigsh_tree(op.matvec, v0, k, which, num_steps, tol, maxiter, seed)
+        matvec, ravel, unravel = flattened(op.matvec, v0)
+        res = eigsh_tree(matvec, ravel(v0), k, which, num_steps, tol, maxiter, seed)
+        return res._replace(eigenvectors=jax.vmap(unravel)(res.eigenvectors))
 
     @solve.defjvp
     def solve_jvp(primals: tuple, tangents: tuple) -> tuple[EigshResult, EigshResult]:

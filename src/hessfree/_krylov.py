@@ -2,6 +2,8 @@
 
 A basis of m vectors is a pytree whose every leaf has a leading axis m; inner products are
 per-leaf sums (:mod:`hessfree._tree`), so the basis keeps the parameters' layout and sharding.
+On one device eigsh and lanczos run on one flat vector instead
+(:func:`flattened`): every vector operation is then one kernel, not one per leaf.
 Only the small ``m × m`` projected problems are dense. :func:`lanczos_tree` reorthogonalizes
 every new vector fully (``O(m n)`` per step); :func:`tridiagonal` (spectral_density) keeps no
 basis; eigsh reorthogonalizes every new vector fully too, with a second Gram-Schmidt pass only
@@ -233,6 +235,21 @@ def loop_product(matvec: MatVec) -> MatVec:
     return product
 
 
+def _same(x: Any) -> Any:
+    return x
+
+
+def flattened(matvec: MatVec, like: PyTree) -> tuple[MatVec, Any, Any]:
+    """``(flat_matvec, ravel, unravel)``: `matvec` on one flat vector where
+    :func:`hessfree._tree.flat_view` allows it (one device, one dtype, several leaves: a
+    kernel per vector operation instead of one per leaf), else `matvec` and identities."""
+    flat = tree.flat_view(like)
+    if flat is None:
+        return matvec, _same, _same
+    ravel, unravel = flat
+    return (lambda v: ravel(matvec(unravel(v)))), ravel, unravel
+
+
 def orthogonalize(V: PyTree, w: PyTree) -> tuple[PyTree, jax.Array]:
     """Classical Gram-Schmidt of `w` against the rows of V (zero rows allowed), a second time
     only where the first removed much of w: ``‖w‖`` fell below 0.7 (about 1/√2) of itself
@@ -419,7 +436,9 @@ def _lanczos_impl(
 ) -> LanczosResult:
     op = tree_operator(A, like)
     v0, seed = start_vector(op, v0, key)
-    alphas, betas, V = lanczos_tree(op.matvec, v0, num_steps, seed)
+    matvec, ravel, unravel = flattened(op.matvec, v0)
+    alphas, betas, V = lanczos_tree(matvec, ravel(v0), num_steps, seed)
+    V = jax.vmap(unravel)(V)
     return LanczosResult(alphas, betas, V, jnp.asarray(num_steps, jnp.int32))
 
 

@@ -9,6 +9,7 @@ unambiguous output sharding under explicit mesh axes, an elementwise product and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -260,6 +261,42 @@ def multi_device(x: Any) -> bool:
         return False
     sharding = getattr(x, "sharding", None)
     return isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1
+
+
+def flat_view(like: PyTree) -> tuple[Callable[[PyTree], jax.Array], Callable[[Any], PyTree]] | None:
+    """``(ravel, unravel)`` between pytrees like `like` and one flat vector, or None.
+
+    A Krylov basis of a many-leaf pytree costs a kernel per leaf for every vector operation,
+    in the program and in its compile (a 6-leaf MLP's eigsh: 556 kernels, 4.5 s of XLA
+    compile; flat: 211 kernels, 1.8 s). So solvers run on one flat vector where that keeps
+    the layout: on one device, for two or more leaves of one dtype. On several devices the
+    basis stays a pytree, leaf by leaf in the parameters' sharding. `ravel` writes each leaf
+    into its slice of one buffer (XLA:CPU runs a fused concatenate of a product's outputs
+    element by element: 8 ms against 0.2 ms for 0.5M entries); `unravel` slices.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    dtypes = {jnp.result_type(leaf) for leaf in leaves}
+    if len(leaves) < 2 or len(dtypes) > 1 or jax.device_count() > 1:
+        return None
+    (dtype,) = dtypes
+    shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+    offsets = np.cumsum([0, *sizes]).tolist()
+
+    def ravel(x: PyTree) -> jax.Array:
+        out = jnp.zeros((offsets[-1],), dtype)
+        for leaf, start in zip(jax.tree_util.tree_leaves(x), offsets, strict=False):
+            out = jax.lax.dynamic_update_slice(out, jnp.ravel(leaf).astype(dtype), (start,))
+        return out
+
+    def unravel(v: Any) -> PyTree:
+        parts = [
+            jax.lax.slice(v, (start,), (start + size,)).reshape(shape)
+            for start, size, shape in zip(offsets, sizes, shapes, strict=False)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, parts)
+
+    return ravel, unravel
 
 
 def structure_of(tree: PyTree) -> PyTree:
