@@ -112,12 +112,18 @@ def _restart(s: _State, which: str, k: int, keep: int, fresh: Any) -> _State:
     V = tree.set_row(V, k, new)
     values = jnp.where(lock, jnp.arange(keep) < k, True) * theta[idx]
     coupling = jnp.where(lock, 0, s.beta) * S[m - 1, idx]
-    H = jnp.zeros_like(s.H).at[jnp.arange(keep), jnp.arange(keep)].set(values)
+    # H: the kept values on the diagonal, their coupling in row and column `keep` (as
+    # selects against iotas: they fuse, where scatters are a kernel each)
+    i, l = jnp.arange(m)[:, None], jnp.arange(m)[None, :]
+    pad = (0, m - keep)
+    H = jnp.where((i == l) & (i < keep), jnp.pad(values, pad)[None, :], 0)
     if keep < m:
-        H = H.at[keep, :keep].set(coupling).at[:keep, keep].set(coupling)
-    lost = jnp.zeros_like(s.lost).at[:keep].set(Y.T @ s.lost)
+        H = jnp.where((i == keep) & (l < keep), jnp.pad(coupling, pad)[None, :], H)
+        H = jnp.where((l == keep) & (i < keep), jnp.pad(coupling, pad)[:, None], H)
+    lost = jnp.pad(Y.T @ s.lost, ((0, m - keep), (0, 0)))
     dropped = jnp.where(lock, s.beta, 0) * jnp.take(S, size - 1, axis=0)[idx[:k]]
-    lost = lost.at[:k, s.num_locks].add(dropped)
+    column = jnp.arange(s.lost.shape[1])[None, :] == s.num_locks
+    lost = lost + jnp.where(column & (i < k), jnp.pad(dropped, (0, m - k))[:, None], 0)
     return s._replace(
         V=V,
         H=H,
@@ -188,8 +194,9 @@ def eigsh_tree(
         d0 = jnp.where(has_prev, tree.vdot(prev, w), 0)
         w = tree.axpy(-d0, prev, tree.axpy(-d1, v, w))
         alpha = alpha + d1
-        local = jnp.zeros((m + 1,), dtype).at[j].set(alpha)
-        local = local.at[jnp.maximum(j - 1, 0)].add(c + d0)
+        # small writes as selects against an iota (they fuse; a scatter is a kernel of its own)
+        rows = jnp.arange(m + 1)
+        local = jnp.where(rows == j, alpha, 0) + jnp.where(rows == jnp.maximum(j - 1, 0), c + d0, 0)
 
         # every step, against rows 0..j: rounding (and, after a restart, the converged and
         # locked Ritz vectors) leaks back into every new vector. This also gives the last
@@ -209,7 +216,10 @@ def eigsh_tree(
         # H is kept symmetric: the coefficients put into column j beyond the recurrence's own
         # are Gram-Schmidt projections onto a basis orthonormal to rounding (or the coupling a
         # thick restart left in column j), so H stays V A Vᵀ to rounding
-        H = s.H.at[:, j].set(column).at[j, :].set(column)
+        at_j = jnp.arange(m) == j
+        H = jnp.where(
+            at_j[:, None], column[None, :], jnp.where(at_j[None, :], column[:, None], s.H)
+        )
         s = s._replace(
             V=tree.set_row(s.V, j + 1, v_next),
             H=H,
@@ -233,7 +243,7 @@ def eigsh_tree(
             rank = {"LA": values, "SA": -values, "LM": jnp.abs(values)}[which]
             below = rank[k] + residual[k] < jnp.min(rank[:k] - tol * scale[:k])
             extra = (residual[k] <= tol * size_k) | (below & (residual[k] <= np.sqrt(tol) * size_k))
-            met = met.at[k].set(active[k] & extra)
+            met = jnp.where(jnp.arange(check) == k, active[k] & extra, met)
         converged_k = finite & jnp.all(met[:k])
         # lock with a margin: what locking leaves out must not push them back over tol
         tight = finite & jnp.all(active[:k] & (residual[:k] <= tol * scale[:k] / 10))
