@@ -269,7 +269,12 @@ def test_no_recompilation_at_new_values():
     x0, features, labels = scaled_logistic_problem()
 
     def sizes():
-        jits = (_solver._init_jit, _solver._advance_jit)
+        jits = (
+            _solver._init_jit,
+            _solver._advance_jit,
+            _solver._init_small,
+            _solver._advance_small,
+        )
         return [fn._cache_size() for fn in jits]  # pyright: ignore[reportAttributeAccessIssue]
 
     minimize(logistic, x0, features, labels, gtol=1e-6)
@@ -598,3 +603,35 @@ def test_state_carries_forcing_not_eta():
     np.testing.assert_array_equal(state.forcing, 0.5)  # the first Eisenstat-Walker term
     state = solver.advance(state, num_steps=3)
     assert 0.0 < float(state.forcing) <= 0.5
+
+
+@pytest.mark.parametrize("f, start", [(rosen, [-1.2, 1.0]), (helical_valley, [-1.0, 0.0, 0.0])])
+def test_small_problems_compile_for_latency_with_the_same_answers(f, start):
+    """x and args of at most _SMALL numbers: on CPU the programs use XLA's loop emitters
+    (faster to compile); they must reach the same minimum as the default programs."""
+    from hessfree._minimize import _solver
+
+    x0 = jnp.asarray(start)
+    cpu = jax.default_backend() == "cpu"
+    init, advance = _solver._programs(x0, ())
+    assert (advance is _solver._advance_small) == cpu and (init is _solver._init_small) == cpu
+    big = (jnp.zeros(hessfree._staging.SMALL),)  # with x, one number over
+    assert _solver._programs(x0, big) == (_solver._init_jit, _solver._advance_jit)
+
+    solver = Minimizer(f, gtol=1e-9)
+    steps = jnp.asarray(500, jnp.int32)
+    fast = solver.result(
+        _solver._advance_small(solver, _solver._init_small(solver, x0, ()), (), steps)
+    )
+    default = solver.result(
+        _solver._advance_jit(solver, _solver._init_jit(solver, x0, ()), (), steps)
+    )
+    assert int(fast.status) == int(default.status) == 0, (fast.message, default.message)
+    np.testing.assert_allclose(fast.x, default.x, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(minimize(f, x0, gtol=1e-9).x, default.x, rtol=1e-9, atol=1e-12)
+    # under the caller's jit (and vmap) the default programs are inlined: no compile options
+    # on a nested jit, which JAX refuses
+    jitted = jax.jit(lambda x: minimize(f, x, gtol=1e-9).x)(x0)
+    np.testing.assert_allclose(jitted, default.x, rtol=1e-9, atol=1e-12)
+    batched = jax.vmap(lambda x: minimize(f, x, gtol=1e-9).x)(jnp.stack([x0, x0]))
+    np.testing.assert_allclose(batched[1], default.x, rtol=1e-9, atol=1e-12)

@@ -37,6 +37,7 @@ from .._results import (
     SUCCESS,
     OptimizeResult,
 )
+from .._staging import LATENCY, for_latency
 from .._validation import (
     PyTree,
     check_callable,
@@ -205,7 +206,7 @@ class Minimizer:
         is compiled once, in :meth:`advance`.
         """
         self.check_problem(x0, args)
-        return _init_jit(self, x0, args)
+        return _programs(x0, args)[0](self, x0, args)
 
     def step(self, state: MinimizeState, *args: Any) -> MinimizeState:
         """One outer iteration (pure; ``jax.jit`` it). A no-op once ``status != -1``.
@@ -233,7 +234,8 @@ class Minimizer:
             raise TypeError(msg)
         self.check_problem(state.x, args, "state.x")
         self.check_state_dtypes(state, args)
-        return _advance_jit(self, state, args, jnp.asarray(num_steps, jnp.int32))
+        advance = _programs(state.x, args)[1]
+        return advance(self, state, args, jnp.asarray(num_steps, jnp.int32))
 
     def check_state_dtypes(self, state: MinimizeState, args: tuple[Any, ...]) -> None:
         """Refuse a state whose leaves do not all have the dtypes of its problem.
@@ -461,13 +463,11 @@ class Minimizer:
         return out._replace(radius=out.radius.astype(dtype), forcing=out.forcing.astype(dtype))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_jit(solver: Minimizer, x0: PyTree, args: tuple[Any, ...]) -> MinimizeState:
+def _init_impl(solver: Minimizer, x0: PyTree, args: tuple[Any, ...]) -> MinimizeState:
     return solver._init(x0, args)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _advance_jit(
+def _advance_impl(
     solver: Minimizer, state: MinimizeState, args: tuple[Any, ...], num_steps: jax.Array
 ) -> MinimizeState:
     def body(carry: tuple[MinimizeState, jax.Array]) -> tuple[MinimizeState, jax.Array]:
@@ -479,6 +479,22 @@ def _advance_jit(
         return (s.status == RUNNING) & (k < num_steps)
 
     return lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))[0]
+
+
+_init_jit = jax.jit(_init_impl, static_argnums=0)
+_advance_jit = jax.jit(_advance_impl, static_argnums=0)
+
+# small problems compile for latency (hessfree._staging.for_latency)
+_init_small = jax.jit(_init_impl, static_argnums=0, compiler_options=LATENCY)
+_advance_small = jax.jit(_advance_impl, static_argnums=0, compiler_options=LATENCY)
+
+
+def _programs(x: PyTree, args: tuple[Any, ...]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(init, advance)``: compiled for latency on small problems
+    (:func:`hessfree._staging.for_latency`), else with XLA's defaults."""
+    if for_latency(jax.tree_util.tree_leaves((x, args))):
+        return _init_small, _advance_small
+    return _init_jit, _advance_jit
 
 
 def minimize(
@@ -604,8 +620,9 @@ def minimize(
     solver.check_problem(x0, args)  # before any JAX call, so bad leaves get our message
     x0_c, args_c = jax.tree_util.tree_map(_stop_array_gradient, (x0, args))
     # init and advance without their checks: the problem was just checked, the state is new
-    state = _init_jit(solver, x0_c, args_c)
-    state = _advance_jit(solver, state, args_c, jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+    init, advance = _programs(x0_c, args_c)
+    state = init(solver, x0_c, args_c)
+    state = advance(solver, state, args_c, jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
     res = solver.result(state)
     return res._replace(x=_implicit_solution(solver, res.x, args))
 
