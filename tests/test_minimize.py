@@ -197,12 +197,19 @@ def test_auto_preconditioner_same_answer_as_scipy_with_far_fewer_products(method
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["rosenbrock", "rosenbrock_extended", "wood", "helical_valley"])
 def test_auto_preconditioner_leaves_short_solves_alone(name, method):
-    # CG solves stay short: nothing estimated, the same run as without a preconditioner
+    # CG solves stay short: nothing is estimated (the phase stays UNSCALED, D = 1), so it is
+    # the run without a preconditioner. Two programs (one with the estimate compiled in) may
+    # round differently, and a long run like Wood's can then take a few more iterations, so
+    # the runs are compared by their phase, minimum and status, not bit for bit.
     f, x0, args, _ = PROBLEMS[name]
-    auto = minimize(f, x0, *args, method=method, gtol=1e-8)
+    solver = Minimizer(f, method=method, gtol=1e-8)
+    state = solver.run(solver.init(x0, *args), *args)
+    auto = solver.result(state)
     plain = minimize(f, x0, *args, method=method, gtol=1e-8, preconditioner=None)
-    assert int(auto.nit) == int(plain.nit) and int(auto.nhev) == int(plain.nhev)
-    np.testing.assert_allclose(auto.x, plain.x, rtol=1e-12, atol=1e-15)
+    assert int(state.jacobi) == 0
+    np.testing.assert_array_equal(state.diagonal, np.ones_like(x0))
+    np.testing.assert_allclose(auto.x, plain.x, rtol=1e-7, atol=1e-10)
+    assert abs(int(auto.nit) - int(plain.nit)) <= max(2, int(plain.nit) // 20)
     assert int(auto.status) == int(plain.status) == 0
 
 

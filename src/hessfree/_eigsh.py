@@ -569,8 +569,8 @@ def eigsh(
     ``O(m n)`` flops of reorthogonalization per product (one or two Gram-Schmidt passes over
     the m basis vectors: each product costs about 2-3x one product alone on a 0.5M-parameter
     MLP Hessian, against ARPACK's 2.6-4.4x with its host round trips; wall time 0.7-1.0x
-    ARPACK's at k = 1, 5, 20, ``benchmarks/bench_eigsh.py``). On one device a pytree input of
-    one dtype runs as one flat vector (:func:`hessfree._krylov.flattened`), so the compiled
+    ARPACK's at k = 1, 5, 20, ``benchmarks/bench_eigsh.py``). With its arrays on one device a
+    pytree input of one dtype runs as one flat vector (:func:`hessfree._krylov.flattened`), so the compiled
     program does not grow with the number of leaves: about 200 kernels, 1.5-2 s of XLA:CPU
     compile on the first call (2.1-3x ARPACK's first call at k = 1 and 5, 1.3x at k = 20).
 

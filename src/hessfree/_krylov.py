@@ -2,7 +2,7 @@
 
 A basis of m vectors is a pytree whose every leaf has a leading axis m; inner products are
 per-leaf sums (:mod:`hessfree._tree`), so the basis keeps the parameters' layout and sharding.
-On one device eigsh and lanczos run on one flat vector instead
+With inputs on one device eigsh and lanczos run on one flat vector instead
 (:func:`flattened`): every vector operation is then one kernel, not one per leaf.
 Only the small ``m × m`` projected problems are dense. :func:`lanczos_tree` reorthogonalizes
 every new vector fully (``O(m n)`` per step); :func:`tridiagonal` (spectral_density) keeps no
@@ -25,7 +25,7 @@ import numpy as np
 from . import _tree as tree
 from ._linop import MatVec, TreeOperator, tree_operator
 from ._results import LanczosResult
-from ._staging import staged
+from ._staging import inputs_spread, staged
 from ._validation import PyTree, check_floating, check_key, check_like, check_steps
 
 
@@ -241,9 +241,10 @@ def _same(x: Any) -> Any:
 
 def flattened(matvec: MatVec, like: PyTree) -> tuple[MatVec, Any, Any]:
     """``(flat_matvec, ravel, unravel)``: `matvec` on one flat vector where
-    :func:`hessfree._tree.flat_view` allows it (one device, one dtype, several leaves: a
-    kernel per vector operation instead of one per leaf), else `matvec` and identities."""
-    flat = tree.flat_view(like)
+    :func:`hessfree._tree.flat_view` allows it (one dtype, several leaves: a kernel per
+    vector operation instead of one per leaf) and the call's inputs lie on one device
+    (:func:`hessfree._staging.inputs_spread`), else `matvec` and identities."""
+    flat = None if inputs_spread() else tree.flat_view(like)
     if flat is None:
         return matvec, _same, _same
     ravel, unravel = flat

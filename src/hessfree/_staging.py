@@ -17,6 +17,7 @@ is traced. No jaxpr object or closure is ever a jit cache key.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Hashable
@@ -25,6 +26,8 @@ from typing import Any
 import jax
 import jax.core
 import numpy as np
+
+from . import _tree as tree
 
 PyTree = Any
 
@@ -57,10 +60,27 @@ _HOLE = object()
 
 
 def _call(fn: Callable[..., Any], static: _Static, options: _Static, dynamic: list) -> Any:
-    treedef, leaves = static.value
+    treedef, leaves, spread = static.value
     it = iter(dynamic)
     args = jax.tree_util.tree_unflatten(treedef, [next(it) if s is _HOLE else s for s in leaves])
-    return fn(*args, **dict(options.value))
+    token = _SPREAD.set(spread)  # read while tracing (inputs_spread); part of the cache key
+    try:
+        return fn(*args, **dict(options.value))
+    finally:
+        _SPREAD.reset(token)
+
+
+_SPREAD: contextvars.ContextVar[bool] = contextvars.ContextVar("hessfree_spread", default=False)
+
+
+def inputs_spread() -> bool:
+    """Whether the staged call being traced has an array argument over several devices.
+
+    Algorithms then keep vectors leaf by leaf, in the arguments' layout, rather than as one
+    flat vector. Under the caller's own ``jit`` the arguments are tracers and this is False
+    (only explicit-axes sharding is seen there, by the algorithms themselves).
+    """
+    return _SPREAD.get()
 
 
 # Small problems are compiled for latency. On CPU, XLA's loop emitters compile a solver's
@@ -116,8 +136,9 @@ def staged(fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
         else:
             statics.append(leaf)
     statics = tuple(statics)
+    spread = any(tree.multi_device(leaf) for leaf in dynamic)
     try:
-        static = _Static((treedef, statics))
+        static = _Static((treedef, statics, spread))
         opts = _Static(tuple(sorted(options.items())))
     except TypeError:
         return fn(*args, **options)

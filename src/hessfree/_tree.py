@@ -269,14 +269,15 @@ def flat_view(like: PyTree) -> tuple[Callable[[PyTree], jax.Array], Callable[[An
     A Krylov basis of a many-leaf pytree costs a kernel per leaf for every vector operation,
     in the program and in its compile (a 6-leaf MLP's eigsh: 556 kernels, 4.5 s of XLA
     compile; flat: 211 kernels, 1.8 s). So solvers run on one flat vector where that keeps
-    the layout: on one device, for two or more leaves of one dtype. On several devices the
-    basis stays a pytree, leaf by leaf in the parameters' sharding. `ravel` writes each leaf
-    into its slice of one buffer (XLA:CPU runs a fused concatenate of a product's outputs
-    element by element: 8 ms against 0.2 ms for 0.5M entries); `unravel` slices.
+    the layout: for two or more leaves of one dtype, none split over explicit mesh axes
+    (callers also keep the pytree when their inputs lie on several devices:
+    :func:`hessfree._staging.inputs_spread`). `ravel` writes each leaf into its slice of one
+    buffer (XLA:CPU runs a fused concatenate of a product's outputs element by element: 8 ms
+    against 0.2 ms for 0.5M entries); `unravel` slices.
     """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     dtypes = {jnp.result_type(leaf) for leaf in leaves}
-    if len(leaves) < 2 or len(dtypes) > 1 or jax.device_count() > 1:
+    if len(leaves) < 2 or len(dtypes) > 1 or any(explicitly_sharded(x) for x in leaves):
         return None
     (dtype,) = dtypes
     shapes = [tuple(np.shape(leaf)) for leaf in leaves]
