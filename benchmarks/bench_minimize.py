@@ -374,7 +374,9 @@ def first_call_child(solver: str, name: str, method: str) -> dict:
 
 
 def hessfree_stages(f, x0, method) -> dict:
-    """Tracing, lowering and compilation of minimize's two programs, after clearing caches."""
+    """Tracing, lowering and compilation of minimize's two programs, after clearing caches
+    (those minimize picks: compiled for latency on these small problems, see
+    ``hessfree._staging.for_latency``)."""
     from hessfree._minimize import _solver
 
     jax.clear_caches()
@@ -393,8 +395,9 @@ def hessfree_stages(f, x0, method) -> dict:
         times["compile_s"] += time.perf_counter() - t
         return compiled
 
-    state = stages(_solver._init_jit, solver, x0, ())(x0, ())
-    stages(_solver._advance_jit, solver, state, (), jnp.asarray(10**6, jnp.int32))
+    init, advance = _solver._programs(x0, ())  # the ones minimize picks for this problem
+    state = stages(init, solver, x0, ())(x0, ())
+    stages(advance, solver, state, (), jnp.asarray(10**6, jnp.int32))
     return times
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -85,10 +86,13 @@ def inputs_spread() -> bool:
 
 # Small problems are compiled for latency. On CPU, XLA's loop emitters compile a solver's
 # program (hundreds of small kernels) about 1.7x faster than its MLIR fusion emitters:
-# minimize's first call on Rosenbrock 1.3 -> 0.75 s; and on inputs this small the run takes
-# milliseconds either way. Larger inputs keep XLA's defaults: there the run dominates, and
-# the fusion emitters' kernels ran 5-9 % faster (eigsh on a 0.5M-parameter Hessian).
-SMALL = 65536  # numbers in all array arguments together
+# minimize's first call on Rosenbrock 1.3 -> 0.75 s. Warm runs of calls this small took the
+# same to 20 % longer (hvp on a 14k-number MLP: 0.18 -> 0.21 ms; eigsh k = 3 on it 11.4 ->
+# 11.8 ms; minimize on extended Rosenbrock the same), so a session breaks even after
+# thousands of eager calls; inside the caller's jit nothing changes. Larger inputs keep XLA's
+# defaults: there the run dominates (the fusion emitters' kernels ran 5-9 % faster for eigsh
+# on a 0.5M-parameter Hessian). HESSFREE_LATENCY_SIZE sets the size (0: never).
+SMALL = int(os.environ.get("HESSFREE_LATENCY_SIZE", "65536"))  # numbers in all array args
 LATENCY = {"xla_cpu_use_fusion_emitters": False}
 _trampoline = jax.jit(_call, static_argnums=(0, 1, 2))
 _trampoline_small = jax.jit(_call, static_argnums=(0, 1, 2), compiler_options=LATENCY)
