@@ -226,13 +226,9 @@ def _pcg_loop(
     return lax.while_loop(cond, body, state)
 
 
-def _identity(v: PyTree) -> PyTree:
-    return v
-
-
 def _checked_precond(M: Any, b: PyTree) -> Callable[[PyTree], PyTree]:
     if M is None:
-        return _identity
+        return tree.identity
     return tree_operator(M, b, "M", like_name="b").matvec
 
 

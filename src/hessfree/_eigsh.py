@@ -416,10 +416,6 @@ def _nan_like(x: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda xl: jnp.full_like(xl, jnp.nan), x)
 
 
-def _identity(v: PyTree) -> PyTree:
-    return v
-
-
 def _eigenvector_tangent(
     matvec: MatVec,
     Y: PyTree,
@@ -472,7 +468,7 @@ def _eigenvector_tangent(
         coef = jnp.where(split, c / jnp.where(split, weights, 1), ties)
         q = _project_out(Y, rhs)
         # tolerance relative to all of rhs: Q rhs may be rounding alone
-        st = pcg(definite, q, None, _identity, rtol * tree.norm(rhs), maxiter, verify=True)
+        st = pcg(definite, q, None, tree.identity, rtol * tree.norm(rhs), maxiter, verify=True)
         x = _project_out(Y, st.x)
         x_norm, q_norm = tree.norm(x), tree.norm(q)
         near = (x_norm > 0) & (delta * x_norm >= q_norm)

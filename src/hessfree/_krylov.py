@@ -235,10 +235,6 @@ def loop_product(matvec: MatVec) -> MatVec:
     return product
 
 
-def _same(x: Any) -> Any:
-    return x
-
-
 def flattened(matvec: MatVec, like: PyTree) -> tuple[MatVec, Any, Any]:
     """``(flat_matvec, ravel, unravel)``: `matvec` on one flat vector where
     :func:`hessfree._tree.flat_view` allows it (one dtype, several leaves: a kernel per
@@ -246,7 +242,7 @@ def flattened(matvec: MatVec, like: PyTree) -> tuple[MatVec, Any, Any]:
     (:func:`hessfree._staging.inputs_spread`), else `matvec` and identities."""
     flat = None if inputs_spread() else tree.flat_view(like)
     if flat is None:
-        return matvec, _same, _same
+        return matvec, tree.identity, tree.identity
     ravel, unravel = flat
     return (lambda v: ravel(matvec(unravel(v)))), ravel, unravel
 

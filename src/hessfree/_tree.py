@@ -119,6 +119,11 @@ def neg(x: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.negative, x)
 
 
+def identity(x: PyTree) -> PyTree:
+    """`x` itself (the identity operator, a plain preconditioner, a no-op flattening)."""
+    return x
+
+
 def zeros_like(x: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.zeros_like, x)
 
