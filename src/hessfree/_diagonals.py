@@ -22,7 +22,14 @@ import numpy as np
 
 from . import _losses as losses
 from . import _tree as tree
-from ._model_curvature import KINDS, ChunkedJacobian, _check_model, _refuse_bad_targets
+from ._model_curvature import (
+    ChunkedJacobian,
+    _check_model,
+    _refuse_bad_targets,
+    check_fisher_model,
+    check_loss,
+    fisher_settings,
+)
 from ._staging import staged
 from ._validation import (
     PyTree,
@@ -275,14 +282,7 @@ def ggn_diagonal(
     check_choice(method, METHODS, "method")
     check_positive_int(num_samples, "num_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    if isinstance(loss, str):
-        losses.get_loss(loss)  # the name now; shapes and target values while tracing
-    elif not callable(loss):
-        msg = (
-            f"loss must be a callable loss(outputs, targets) -> scalar or one of "
-            f"{list(losses.LOSSES)}; got {type(loss).__name__}"
-        )
-        raise TypeError(msg)
+    check_loss(loss)
     if method == "mc":
         if not isinstance(loss, str):
             msg = (
@@ -315,13 +315,8 @@ def _fisher_diagonal_build(
     num_samples: int,
     chunk_size: int | None,
 ) -> tuple[PyTree, jax.Array]:
-    row = losses.get_likelihood(likelihood)
-    outputs_struct = _check_model(model, params, inputs)
+    row, outputs_struct = check_fisher_model(model, params, inputs, targets, likelihood, kind)
     batch = outputs_struct.shape[0]
-    if kind == "empirical":
-        losses.check_targets(row, outputs_struct, targets)
-    else:
-        losses.check_outputs_for(row, outputs_struct)
     batch_size(inputs, "inputs")
     ok = jnp.ones((), bool)
     if kind == "exact":
@@ -404,22 +399,9 @@ def fisher_diagonal(
         Kunstner, Balles, Hennig, "Limitations of the empirical Fisher approximation for
         natural gradient descent", NeurIPS 2019.
     """
-    row = losses.get_likelihood(likelihood)
-    check_choice(kind, KINDS, "kind")
-    check_positive_int(num_samples, "num_samples")
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    if kind == "empirical":
-        if targets is None:
-            msg = (
-                'targets must be given for kind="empirical" (gradients are taken at them); got None'
-            )
-            raise ValueError(msg)
-    else:
-        targets = None
-    if kind == "mc":
-        check_key(key, "fisher_diagonal(kind='mc')", "sampling labels")
-    else:
-        key, num_samples = None, 1
+    row, targets, key, num_samples = fisher_settings(
+        "fisher_diagonal", likelihood, kind, targets, key, num_samples, chunk_size
+    )
     options = {
         "likelihood": likelihood,
         "kind": kind,

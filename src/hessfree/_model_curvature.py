@@ -184,6 +184,63 @@ def _ggn_build(
     return _operator(jac, middle, params, label), ok
 
 
+def check_loss(loss: Any) -> None:
+    """A built-in loss's name (looked up now; shapes and target values while tracing) or a
+    callable; anything else is a TypeError."""
+    if isinstance(loss, str):
+        losses.get_loss(loss)
+    elif not callable(loss):
+        msg = (
+            f"loss must be a callable loss(outputs, targets) -> scalar or one of "
+            f"{list(losses.LOSSES)}; got {type(loss).__name__}"
+        )
+        raise TypeError(msg)
+
+
+def fisher_settings(
+    caller: str,
+    likelihood: str,
+    kind: str,
+    targets: Any,
+    key: Any,
+    num_samples: int,
+    chunk_size: int | None,
+) -> tuple[losses.Loss, Any, Any, int]:
+    """The settings of a Fisher (``fisher``, ``fisher_diagonal``), checked:
+    ``(likelihood row, targets, key, num_samples)`` with what `kind` ignores set to None / 1."""
+    row = losses.get_likelihood(likelihood)
+    check_choice(kind, KINDS, "kind")
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if kind == "empirical":
+        if targets is None:
+            msg = (
+                'targets must be given for kind="empirical" (gradients are taken at them); got None'
+            )
+            raise ValueError(msg)
+    else:
+        targets = None
+    if kind == "mc":
+        check_key(key, f"{caller}(kind='mc')", "sampling labels")
+    else:
+        key, num_samples = None, 1
+    return row, targets, key, num_samples
+
+
+def check_fisher_model(
+    model: Any, params: PyTree, inputs: PyTree, targets: Any, likelihood: str, kind: str
+) -> tuple[losses.Loss, Any]:
+    """While tracing: ``(likelihood row, outputs structure)``, the model's outputs checked
+    against the likelihood (and the targets, for the empirical Fisher)."""
+    row = losses.get_likelihood(likelihood)
+    outputs_struct = _check_model(model, params, inputs)
+    if kind == "empirical":
+        losses.check_targets(row, outputs_struct, targets)
+    else:
+        losses.check_outputs_for(row, outputs_struct)
+    return row, outputs_struct
+
+
 def _refuse_bad_targets(ok: jax.Array, targets: Any, loss: losses.Loss) -> None:
     """Outside jit (targets concrete), out-of-range targets raise now (one scalar read)."""
     if (
@@ -251,14 +308,7 @@ def ggn(
         natural gradient method", JMLR 2020.
     """
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    if isinstance(loss, str):
-        losses.get_loss(loss)  # the name now; shapes and target values while tracing
-    elif not callable(loss):
-        msg = (
-            f"loss must be a callable loss(outputs, targets) -> scalar or one of "
-            f"{list(losses.LOSSES)}; got {type(loss).__name__}"
-        )
-        raise TypeError(msg)
+    check_loss(loss)
     op, ok = staged(_ggn_build, model, loss, params, inputs, targets, chunk_size=chunk_size)
     if isinstance(loss, str):
         _refuse_bad_targets(ok, targets, losses.get_loss(loss))
@@ -280,12 +330,7 @@ def _fisher_build(
     num_samples: int,
     chunk_size: int | None,
 ) -> tuple[CurvatureOperator, jax.Array]:
-    row = losses.get_likelihood(likelihood)
-    outputs_struct = _check_model(model, params, inputs)
-    if kind == "empirical":
-        losses.check_targets(row, outputs_struct, targets)
-    else:
-        losses.check_outputs_for(row, outputs_struct)
+    row, _ = check_fisher_model(model, params, inputs, targets, likelihood, kind)
     outputs, jac = model_jacobian(model, params, inputs, chunk_size)
     ok = jnp.ones((), bool)
     if kind == "exact":
@@ -362,22 +407,9 @@ def fisher(
         Kunstner, Balles, Hennig, "Limitations of the empirical Fisher approximation for
         natural gradient descent", NeurIPS 2019.
     """
-    row = losses.get_likelihood(likelihood)
-    check_choice(kind, KINDS, "kind")
-    check_positive_int(num_samples, "num_samples")
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    if kind == "empirical":
-        if targets is None:
-            msg = (
-                'targets must be given for kind="empirical" (gradients are taken at them); got None'
-            )
-            raise ValueError(msg)
-    else:
-        targets = None
-    if kind == "mc":
-        check_key(key, "fisher(kind='mc')", "sampling labels")
-    else:
-        key = None
+    row, targets, key, num_samples = fisher_settings(
+        "fisher", likelihood, kind, targets, key, num_samples, chunk_size
+    )
     options = {"likelihood": likelihood, "kind": kind, "num_samples": num_samples}
     op, ok = staged(
         _fisher_build, model, params, inputs, targets, key, chunk_size=chunk_size, **options
