@@ -162,7 +162,7 @@ def eigsh_tree(
     per step, and never passes through a conditional.
 
     Each step: one product; the new vector w made orthogonal to the last two (the three-term
-    recurrence, twice, reading three vectors); then, at every step, reorthogonalized fully
+    recurrence, reading three vectors); then, at every step, reorthogonalized fully
     against rows 0..j by classical Gram-Schmidt (the coefficients, then their combination:
     two passes over the basis as matrix-vector products), and a second time only where the
     first removed much of w, ``‖w‖`` falling below 0.7 (about 1/√2) of itself (Daniel, Gragg,
@@ -189,14 +189,12 @@ def eigsh_tree(
         u = matvec(v)
         c = jnp.where(has_prev, s.beta, 0)
         alpha = tree.vdot(v, u)
+        # the three-term recurrence once: what rounding leaves along v and prev, Gram-Schmidt
+        # against every row (below) removes with the rest
         w = tree.axpy(-c, prev, tree.axpy(-alpha, v, u))
-        d1 = tree.vdot(v, w)
-        d0 = jnp.where(has_prev, tree.vdot(prev, w), 0)
-        w = tree.axpy(-d0, prev, tree.axpy(-d1, v, w))
-        alpha = alpha + d1
         # small writes as selects against an iota (they fuse; a scatter is a kernel of its own)
         rows = jnp.arange(m + 1)
-        local = jnp.where(rows == j, alpha, 0) + jnp.where(rows == jnp.maximum(j - 1, 0), c + d0, 0)
+        local = jnp.where(rows == j, alpha, 0) + jnp.where(rows == jnp.maximum(j - 1, 0), c, 0)
 
         # every step, against rows 0..j: rounding (and, after a restart, the converged and
         # locked Ritz vectors) leaks back into every new vector. This also gives the last
