@@ -91,7 +91,11 @@ def cnn_operator(batch: int = 64) -> tuple[Any, str]:
 
 
 def random_vector(op: Any, seed: int = 0) -> Any:
-    return hessfree._tree.random_tree(jax.random.PRNGKey(seed), op.in_structure())
+    structure = op.in_structure()
+    leaves, treedef = jax.tree_util.tree_flatten(structure)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    draws = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, draws)
 
 
 def time_mv(op: Any, repeats: int) -> float:

@@ -213,33 +213,6 @@ def rowwise_vdot(xs: PyTree, ys: PyTree) -> jax.Array:
     return jax.vmap(vdot)(xs, ys)
 
 
-# --- random pytrees ------------------------------------------------------------------------
-
-
-def random_tree(
-    key: jax.Array, like: PyTree, distribution: str = "normal", count: int | None = None
-) -> PyTree:
-    """Random vectors drawn leaf by leaf, with the dtypes and layout of the pytree `like`.
-
-    With `count`, every leaf gets a leading axis `count` (that many independent vectors).
-    ``"normal"``/``"gaussian"`` draws standard normal entries, ``"rademacher"`` ±1. `like`
-    may be arrays (then the draw copies their layout: adding the zero leaf gives it the
-    leaf's sharding under explicit axes) or ``jax.ShapeDtypeStruct``s.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    draw = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
-    out = []
-    for k, leaf in zip(keys, leaves, strict=True):
-        shape = tuple(leaf.shape) if count is None else (count, *leaf.shape)
-        sample = draw(k, shape, leaf.dtype)
-        if isinstance(leaf, jax.Array):
-            zero = jnp.zeros_like(leaf)
-            sample = sample + (zero if count is None else zero[None])
-        out.append(sample)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 # --- structures and sharding ---------------------------------------------------------------
 
 
