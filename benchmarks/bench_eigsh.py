@@ -9,8 +9,8 @@ On the Hessian of a ~0.5M-parameter MLP (784-512-256-10, batch 256, float32):
    (ARPACK) on ``op.as_scipy()`` at the same tolerance: products, warm wall time, the cost
    per product ``(eigsh seconds / products) / (op.mv seconds)`` (target <= 1.3) and the wall
    time ratio hessfree / ARPACK (target < 1).
-3. spectral_density (8 probes x 60 steps; the default, one probe at a time on CPU, and all 8
-   vmapped): seconds per product / op.mv (target <= 1.3).
+3. spectral_density (8 probes x 60 steps; the default, one probe at a time on CPU at this
+   size, and all 8 vmapped): seconds per product / op.mv (target <= 1.3).
 4. A small CNN (two 3x3 conv layers, dense head): op.mv alone, the same products inside a
    ``lax.fori_loop`` (power iteration), and eigsh k = 1 per product.
 5. First call in a fresh process (XLA compile included): ``hessfree.eigsh(op, k)`` vs
