@@ -240,6 +240,28 @@ def test_self_influence_is_minus_the_diagonal():
         np.testing.assert_allclose(own.scores, -jnp.diag(full.scores), rtol=1e-8)
 
 
+def test_solves_one_after_another_give_the_vmapped_scores(monkeypatch):
+    """On CPU, operators on more than hessfree._krylov.SEQUENTIAL parameters solve their
+    points one after another by default. Lowered to 0 here, this small problem takes that
+    path (cg and lissa), with one point fewer so its programs are compiled afresh; each
+    point's solve is its own, so the scores are the vmapped ones."""
+    p = lr()
+    train = jax.tree_util.tree_map(lambda a: a[:24], p["train"])
+    test = jax.tree_util.tree_map(lambda a: a[:7], data()[1])
+    fewer = jax.tree_util.tree_map(lambda a: a[:-1], train), jax.tree_util.tree_map(lambda a: a[:-1], test)  # fmt: skip
+    for options in ({"method": "cg", "rtol": 1e-10}, {"method": "lissa", "lissa_scale": 2.0}):
+        options = {**options, "damping": 0.05}
+        together = influence(p["H"], example_loss, p["params"], train, test, **options)
+        own_together = self_influence(p["H"], example_loss, p["params"], train, **options)
+        with monkeypatch.context() as m:
+            m.setattr(hf._krylov, "SEQUENTIAL", 0)
+            apart = influence(p["H"], example_loss, p["params"], train, fewer[1], **options)
+            own_apart = self_influence(p["H"], example_loss, p["params"], fewer[0], **options)
+        assert bool(apart.success.all()) and bool(own_apart.success.all())
+        np.testing.assert_allclose(apart.scores, together.scores[:-1], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(own_apart.scores, own_together.scores[:-1], rtol=1e-9)
+
+
 def test_mlp_arnoldi_at_low_rank_ranks_like_cg():
     """A 30-16-1 tanh MLP (P = 513) on 300 training points, L2 α = 1e-2, trained by L-BFGS to
     a small gradient. A = its Hessian (positive definite there). Arnoldi at rank 20 against

@@ -355,11 +355,11 @@ def test_errors_name_the_argument():
 
 def test_spectral_density_is_the_same_one_probe_at_a_time_or_all_together(mlp, monkeypatch):
     # by default probes run together, or one after another on CPU for operators on more than
-    # hessfree._density.SEQUENTIAL numbers (0 here, so this small one takes that path; a
+    # hessfree._krylov.SEQUENTIAL numbers (0 here, so this small one takes that path; a
     # step count no other test uses, so the default's program is compiled under it): the
     # same probes give the same quadrature, to rounding
     op, _ = mlp
-    monkeypatch.setattr(hessfree._density, "SEQUENTIAL", 0)
+    monkeypatch.setattr(hessfree._krylov, "SEQUENTIAL", 0)
     kwargs = {"key": KEY, "num_probes": 4, "num_steps": 13, "num_points": 100}
     default = spectral_density(op, **kwargs)
     for c in (1, 2, 4):

@@ -8,18 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from . import _tree as tree
-from ._krylov import derived_seed, pseudo_random, seed_of, tridiagonal
+from ._krylov import derived_seed, map_loops, pseudo_random, seed_of, tridiagonal
 from ._linop import MatVec, tree_operator
 from ._results import DensityResult
 from ._staging import staged
 from ._validation import PyTree, check_key, check_number, check_positive_int, check_steps
-
-# On CPU, operators on more numbers than this run their probes one after another by default.
-# XLA:CPU gains nothing from batching large products, and a batched Lanczos loop evaluates its
-# breakdown branch (a fresh direction) as a select on every step: 8 probes x 30 steps on MLP
-# Hessians took 0.78x the vmapped time one probe at a time at 536k parameters, 0.92x at 204k,
-# but 1.09x at 68k and 1.3-1.5x at 1k-10k, where batching saves per-kernel overhead.
-SEQUENTIAL = 1 << 17
 
 
 def _quadrature(
@@ -76,12 +69,8 @@ def _density_impl(
         # whose batched predicate cannot carry the vectors' sharding (JAX refuses it): run
         # the probes one after another instead; each product is still sharded.
         nodes, weights = jax.lax.map(one, probe_ids)
-    elif chunk_size is None and jax.default_backend() == "cpu" and tree.size(zero) > SEQUENTIAL:
-        nodes, weights = jax.lax.map(one, probe_ids)
-    elif chunk_size is None:
-        nodes, weights = jax.vmap(one)(probe_ids)
     else:
-        nodes, weights = jax.lax.map(one, probe_ids, batch_size=chunk_size)
+        nodes, weights = map_loops(one, probe_ids, chunk_size, zero)
     grid, density = broadened_density(nodes, weights, num_points, sigma)
     return DensityResult(grid, density, jnp.asarray(num_probes * num_steps, jnp.int32))
 

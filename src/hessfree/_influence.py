@@ -22,7 +22,8 @@ the 1/N already: ``Δℓ(z) ≈ −I_up,loss(z_i, z)``; pass ``num_train=1``.
 Three ways to apply ``(A + λI)⁻¹``, each built only from products with A:
 
 - ``"cg"``: one conjugate-gradient solve ``(A + λI) s = g(z_test)`` per test point
-  (:func:`hessfree.cg`; all test points together under ``vmap``, or `chunk_size` at a time),
+  (:func:`hessfree.cg`; all test points together under ``vmap``, or `chunk_size` at a time;
+  on CPU with more than 131072 parameters one after another by default),
   then ``scores = −S G_trainᵀ`` with the training gradients made chunk by chunk. Exact to
   the CG tolerance. Cost: the CG products for every test point (about
   ``√κ·log(1/rtol)`` each, κ the condition number of A + λI), one gradient per point.
@@ -67,6 +68,7 @@ from jax.tree_util import Partial
 from . import _tree as tree
 from ._cg import cg
 from ._eigsh import eigsh
+from ._krylov import map_loops
 from ._linop import is_dense, tree_operator
 from ._operators import CurvatureOperator
 from ._results import (
@@ -338,13 +340,13 @@ def _solve_impl(
             x, status, count = solve(g)
             return tree.vdot(g, x).astype(dtype), status, count
 
-        scores, status, counts = _over(one_self, train, chunk_size)
+        scores, status, counts = map_loops(one_self, train, chunk_size, params)
     else:
 
         def one_test(example: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
             return solve(grad_of(example))
 
-        S, status, counts = _over(one_test, test, chunk_size)  # S: leaves (T, ...)
+        S, status, counts = map_loops(one_test, test, chunk_size, params)  # S: (T, ...)
 
         def column(example: PyTree) -> jax.Array:
             return -tree.project(S, grad_of(example)).astype(dtype)
@@ -540,7 +542,9 @@ def influence(
         key: a ``jax.random`` key: ``"arnoldi"`` (the eigsh start vector), ``"lissa"``
             without `lissa_scale` (its estimate). Ignored by ``"cg"``.
         chunk_size: at most this many points at once (solves, gradients, projections), by
-            ``lax.map``; None: all at once (``vmap``).
+            ``lax.map``; None: all at once (``vmap``), except the cg and lissa solves on CPU
+            for more than 131072 parameters, which run one after another (XLA:CPU gains
+            nothing from batching large products; a batched loop pays for its branches).
         maxiter: ``"cg"`` only: iterations per solve (default 10·P, as :func:`hessfree.cg`).
         rtol: ``"cg"`` and ``"lissa"``: a solve succeeds when ``‖g − (A + λI) x‖ <=
             rtol·‖g‖``.
