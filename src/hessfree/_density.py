@@ -102,8 +102,8 @@ def spectral_density(
     run `chunk_size` at a time (``vmap``); memory three vectors per probe running at once. By
     default all probes run together, except on CPU for operators on more than 131072
     numbers: there they run one after another (XLA:CPU gains nothing from batching large
-    products, and a batched Lanczos loop pays for its breakdown branch on every step). The counts are static (a new count compiles a new program); keep them fixed in a
-    loop.
+    products, and a batched Lanczos loop pays for its breakdown branch on every step). The
+    counts are static (a new count compiles a new program); keep them fixed in a loop.
 
     Args:
         A: an operator, a callable ``v -> A v`` (then pass `like`), or a dense symmetric
